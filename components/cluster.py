@@ -1,0 +1,313 @@
+"""HaWebCluster: every Hetzner Cloud resource of the HA web front end, in one component.
+
+Layout (names are Pulumi logical names, `<name>` is the component's name):
+
+- `<name>-net` / `<name>-subnet`: one cloud network and one `cloud` subnet holding every
+  server at a fixed private IP (VRRP runs unicast over it; web traffic LB -> web uses it).
+- `<name>-lb-spread`, `<name>-web-spread[-k]`: spread placement groups, so the two LBs (and
+  the web servers) never share a physical host. Hetzner allows 10 servers per group, so web
+  servers are split into groups of 10.
+- `<name>-lb-fw`, `<name>-web-fw`: firewalls on the public interfaces (Hetzner firewalls do
+  not filter private networks): LBs take 80/443 from anywhere, SSH only from adminCidrs and
+  ICMP; web servers take SSH from adminCidrs and ICMP, nothing else.
+- `<name>-ssh`: the admin SSH key, installed on every server.
+- `<name>-lb1`, `<name>-lb2`, `<name>-web1..N`: the servers.
+- `<name>-fip` + `<name>-fip-lb1`: the IPv4 Floating IP and its initial assignment to lb1.
+  keepalived moves it at runtime; `ignore_changes` keeps Pulumi from moving it back.
+- `<name>-stats-password`, `<name>-vrrp-password`: generated when not configured.
+
+After the servers exist the component hands them to `provision_cluster()` (components/
+provision.py), which installs and configures the daemons over SSH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pulumi
+import pulumi_hcloud as hcloud
+import pulumi_random as random
+
+from components.config import StackConfig
+
+try:
+    from components.provision import provision_cluster
+except ModuleNotFoundError as err:  # provision.py lands in the next issue
+    if err.name != "components.provision":
+        raise
+    provision_cluster = None  # type: ignore[assignment]
+
+TYPE_TOKEN = "hcloud-ha-web:index:HaWebCluster"
+
+ANYWHERE = ("0.0.0.0/0", "::/0")
+#: Hetzner allows at most 10 servers in one spread placement group.
+PLACEMENT_GROUP_MAX = 10
+#: VRRPv2 PASS authentication uses at most 8 characters of the password.
+VRRP_PASSWORD_LENGTH = 8
+STATS_PASSWORD_LENGTH = 32
+
+
+def _as_int(value: str) -> int:
+    return int(value)
+
+
+def lb_firewall_rules(admin_cidrs: Sequence[str]) -> list[hcloud.FirewallRuleArgs]:
+    """Inbound rules on the LBs' public interfaces: HTTP(S) from anywhere, SSH from admins."""
+    return [
+        hcloud.FirewallRuleArgs(
+            direction="in",
+            protocol="tcp",
+            port="80",
+            source_ips=list(ANYWHERE),
+            description="HTTP to HAProxy",
+        ),
+        hcloud.FirewallRuleArgs(
+            direction="in",
+            protocol="tcp",
+            port="443",
+            source_ips=list(ANYWHERE),
+            description="HTTPS (reserved for TLS termination)",
+        ),
+        *_admin_rules(admin_cidrs),
+    ]
+
+
+def web_firewall_rules(admin_cidrs: Sequence[str]) -> list[hcloud.FirewallRuleArgs]:
+    """Inbound rules on the web servers' public interfaces: SSH from admins and ICMP only.
+
+    Their HTTP is reached from the LBs over the private network, which Hetzner firewalls
+    do not filter.
+    """
+    return _admin_rules(admin_cidrs)
+
+
+def _admin_rules(admin_cidrs: Sequence[str]) -> list[hcloud.FirewallRuleArgs]:
+    return [
+        hcloud.FirewallRuleArgs(
+            direction="in",
+            protocol="tcp",
+            port="22",
+            source_ips=list(admin_cidrs),
+            description="SSH from adminCidrs",
+        ),
+        hcloud.FirewallRuleArgs(
+            direction="in",
+            protocol="icmp",
+            source_ips=list(ANYWHERE),
+            description="ICMP (ping, path MTU discovery)",
+        ),
+    ]
+
+
+class HaWebCluster(pulumi.ComponentResource):
+    """Network, firewalls, servers and the Floating IP of the HA web front end.
+
+    Attributes (all available right after construction):
+      servers: hcloud.Server per name ("lb1", "lb2", "web1", ...).
+      floating_ip: the Floating IP address; site_url / stats_url built on it.
+      public_ipv4 / private_ip / server_id: dicts keyed by server name.
+      stats_user: plain str; stats_password / vrrp_password: secret outputs.
+      provisioned: what provision_cluster() returned (empty until provision.py exists).
+    """
+
+    floating_ip: pulumi.Output[str]
+    site_url: pulumi.Output[str]
+    stats_url: pulumi.Output[str]
+    stats_password: pulumi.Output[str]
+    vrrp_password: pulumi.Output[str]
+
+    def __init__(
+        self,
+        name: str,
+        stack: StackConfig,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__(TYPE_TOKEN, name, None, opts)
+        s = stack.settings
+        cluster = s.cluster_name
+
+        def labels(role: str, **extra: str) -> dict[str, str]:
+            return {"cluster": cluster, "role": role, **extra}
+
+        def child(**kwargs: object) -> pulumi.ResourceOptions:
+            return pulumi.ResourceOptions(parent=self, **kwargs)  # type: ignore[arg-type]
+
+        # --- secrets: configured, or generated once and kept in state -----------------
+        self.stats_password = pulumi.Output.secret(
+            stack.secrets.stats_password
+            if stack.secrets.stats_password is not None
+            else random.RandomPassword(
+                f"{name}-stats-password",
+                length=STATS_PASSWORD_LENGTH,
+                special=False,
+                opts=child(),
+            ).result
+        )
+        self.vrrp_password = pulumi.Output.secret(
+            stack.secrets.vrrp_password
+            if stack.secrets.vrrp_password is not None
+            else random.RandomPassword(
+                f"{name}-vrrp-password",
+                length=VRRP_PASSWORD_LENGTH,
+                special=False,
+                opts=child(),
+            ).result
+        )
+        self.stats_user = s.stats_user
+
+        # --- network -----------------------------------------------------------------
+        self.network = hcloud.Network(
+            f"{name}-net",
+            name=f"{cluster}-net",
+            ip_range=s.network_cidr,
+            labels=labels("network"),
+            opts=child(),
+        )
+        self.subnet = hcloud.NetworkSubnet(
+            f"{name}-subnet",
+            network_id=self.network.id.apply(_as_int),
+            type="cloud",
+            network_zone=s.network_zone,
+            ip_range=s.subnet_cidr,
+            opts=child(),
+        )
+
+        # --- placement groups (spread: one physical host per server) -------------------
+        self.lb_placement_group = hcloud.PlacementGroup(
+            f"{name}-lb-spread",
+            name=f"{cluster}-lb",
+            type="spread",
+            labels=labels("lb"),
+            opts=child(),
+        )
+        self.web_placement_groups: list[hcloud.PlacementGroup] = []
+        group_count = -(-s.web_count // PLACEMENT_GROUP_MAX)
+        for k in range(group_count):
+            suffix = "" if k == 0 else f"-{k + 1}"
+            self.web_placement_groups.append(
+                hcloud.PlacementGroup(
+                    f"{name}-web-spread{suffix}",
+                    name=f"{cluster}-web{suffix}",
+                    type="spread",
+                    labels=labels("web"),
+                    opts=child(),
+                )
+            )
+
+        # --- firewalls (public interfaces only) ----------------------------------------
+        self.lb_firewall = hcloud.Firewall(
+            f"{name}-lb-fw",
+            name=f"{cluster}-lb",
+            rules=lb_firewall_rules(s.admin_cidrs),
+            labels=labels("lb"),
+            opts=child(),
+        )
+        self.web_firewall = hcloud.Firewall(
+            f"{name}-web-fw",
+            name=f"{cluster}-web",
+            rules=web_firewall_rules(s.admin_cidrs),
+            labels=labels("web"),
+            opts=child(),
+        )
+
+        # --- SSH key -----------------------------------------------------------------
+        self.ssh_key = hcloud.SshKey(
+            f"{name}-ssh",
+            name=f"{cluster}-admin",
+            public_key=s.ssh_public_key,
+            labels=labels("admin"),
+            opts=child(),
+        )
+
+        # --- servers -----------------------------------------------------------------
+        plan: list[tuple[str, str, str, hcloud.PlacementGroup, hcloud.Firewall]] = []
+        for server_name, ip in zip(s.lb_names, s.lb_ips, strict=True):
+            plan.append((server_name, "lb", ip, self.lb_placement_group, self.lb_firewall))
+        for i, (server_name, ip) in enumerate(zip(s.web_names, s.web_ips, strict=True)):
+            group = self.web_placement_groups[i // PLACEMENT_GROUP_MAX]
+            plan.append((server_name, "web", ip, group, self.web_firewall))
+
+        self.servers: dict[str, hcloud.Server] = {}
+        for server_name, role, ip, group, firewall in plan:
+            self.servers[server_name] = hcloud.Server(
+                f"{name}-{server_name}",
+                name=f"{cluster}-{server_name}",
+                server_type=s.server_type,
+                image=s.image,
+                location=s.location,
+                placement_group_id=group.id.apply(_as_int),
+                firewall_ids=[firewall.id.apply(_as_int)],
+                ssh_keys=[self.ssh_key.id],
+                labels=labels(role, server=server_name),
+                public_nets=[hcloud.ServerPublicNetArgs(ipv4_enabled=True, ipv6_enabled=True)],
+                # subnet_id (not network_id) pins the subnet and makes the server wait for
+                # it: attaching a fixed IP before the subnet exists fails. The provider
+                # rejects network_id and subnet_id together. alias_ips=[] avoids a
+                # detach/attach on every update (provider docs).
+                networks=[hcloud.ServerNetworkArgs(subnet_id=self.subnet.id, ip=ip, alias_ips=[])],
+                opts=child(depends_on=[self.subnet]),
+            )
+
+        # --- Floating IP, initially on lb1; keepalived owns it afterwards ------------------
+        self.floating_ip_resource = hcloud.FloatingIp(
+            f"{name}-fip",
+            name=f"{cluster}-vip",
+            type="ipv4",
+            home_location=s.location,
+            description=f"{cluster}: site address, moved between lb1 and lb2 by keepalived",
+            labels=labels("lb"),
+            opts=child(),
+        )
+        self.floating_ip_assignment = hcloud.FloatingIpAssignment(
+            f"{name}-fip-lb1",
+            floating_ip_id=self.floating_ip_resource.id.apply(_as_int),
+            server_id=self.servers["lb1"].id.apply(_as_int),
+            opts=child(ignore_changes=["server_id"]),
+        )
+
+        # --- outputs -----------------------------------------------------------------
+        self.floating_ip = self.floating_ip_resource.ip_address
+        self.site_url = self.floating_ip.apply(lambda ip: f"http://{ip}/")
+        self.stats_url = self.floating_ip.apply(lambda ip: f"http://{ip}/haproxy?stats")
+        self.public_ipv4: dict[str, pulumi.Output[str]] = {
+            n: srv.ipv4_address for n, srv in self.servers.items()
+        }
+        self.private_ip: dict[str, pulumi.Output[str]] = {
+            n: srv.networks.apply(_first_private_ip) for n, srv in self.servers.items()
+        }
+        self.server_id: dict[str, pulumi.Output[int]] = {
+            n: srv.id.apply(_as_int) for n, srv in self.servers.items()
+        }
+
+        # --- provisioning seam ---------------------------------------------------------
+        self.provisioned: Mapping[str, Sequence[pulumi.Resource]] = {}
+        if provision_cluster is not None:
+            self.provisioned = provision_cluster(
+                parent=self,
+                stack=stack,
+                servers=self.servers,
+                floating_ip=self.floating_ip_resource,
+                stats_password=self.stats_password,
+                vrrp_password=self.vrrp_password,
+                depends_on=[self.floating_ip_assignment, self.subnet],
+            )
+
+        self.register_outputs(
+            {
+                "floating_ip": self.floating_ip,
+                "site_url": self.site_url,
+                "stats_url": self.stats_url,
+                "public_ipv4": self.public_ipv4,
+                "private_ip": self.private_ip,
+                "server_id": self.server_id,
+                "stats_user": self.stats_user,
+                "stats_password": self.stats_password,
+            }
+        )
+
+
+def _first_private_ip(networks: Sequence[hcloud.outputs.ServerNetwork] | None) -> str | None:
+    for net in networks or ():
+        if net.ip:
+            return net.ip
+    return None
