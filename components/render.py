@@ -1,0 +1,337 @@
+"""Rendering: every file a host gets, from plain values, through one Jinja2 environment.
+
+`DAEMONS` is the one table that says, per role, which files exist (template, destination,
+mode, owner), how a staged copy is validated and how it is activated. The component,
+the tests and the lab all render through `render_host()`; the lab only changes the
+`Layout` (a path prefix and log targets), never the rendered text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+
+from components.config import Settings
+
+Role = Literal["lb", "web"]
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+HEALTH_PORT = 8405  # HAProxy's local health endpoint, checked by keepalived
+PRIMARY_PRIORITY = 150
+BACKUP_PRIORITY = 100
+CHECK_WEIGHT = 60  # PRIMARY - weight < BACKUP: a failed HAProxy hands over mastership
+FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
+TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
+DOCROOT = "/var/www/hcloud-ha-web"
+
+PACKAGES: Mapping[Role, tuple[str, ...]] = {
+    "lb": ("haproxy", "keepalived", "curl", "python3", "iproute2"),
+    "web": ("apache2", "curl", "iproute2"),
+}
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,  # HAProxy rejects a config without a final newline
+    trim_blocks=True,
+    lstrip_blocks=True,
+    autoescape=False,
+)
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    template: str
+    dest: str
+    mode: str = "0644"
+    owner: str = "root:root"
+
+
+@dataclass(frozen=True)
+class DaemonSpec:
+    """One remote step per host: files shipped together, checked, then activated.
+
+    `validate` and `activate` are shell; `{root}` is the host's path prefix and the
+    validate command finds the staged files under "$STAGE{root}".
+    """
+
+    name: str
+    role: Role
+    files: tuple[FileSpec, ...]
+    validate: str
+    activate: str
+
+
+_APACHE_VALIDATE = r"""
+base={root}/etc/apache2; [ -d "$base" ] || base=/etc/apache2
+cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
+cp -a "$base/." "$cfg/" && cp -a "$STAGE{root}/etc/apache2/." "$cfg/"
+for m in remoteip usertrack; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
+ln -sf ../sites-available/hcloud-ha-web.conf "$cfg/sites-enabled/hcloud-ha-web.conf"
+rm -f "$cfg/sites-enabled/000-default.conf"
+(. /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" && mkdir -p "$APACHE_RUN_DIR" \
+  && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
+"""
+
+DAEMONS: tuple[DaemonSpec, ...] = (
+    DaemonSpec(
+        name="apache",
+        role="web",
+        files=(
+            FileSpec("apache2/ports.conf.j2", "/etc/apache2/ports.conf"),
+            FileSpec(
+                "apache2/hcloud-ha-web.conf.j2",
+                "/etc/apache2/sites-available/hcloud-ha-web.conf",
+            ),
+            FileSpec("www/index.html.j2", f"{DOCROOT}/index.html"),
+            FileSpec("www/check.txt.j2", f"{DOCROOT}{{health_check_path}}"),
+        ),
+        validate=_APACHE_VALIDATE,
+        activate=(
+            "a2enmod -q remoteip usertrack && a2ensite -q hcloud-ha-web"
+            " && { a2dissite -q 000-default 2>/dev/null || true; }"
+            " && systemctl enable -q apache2 && systemctl reload-or-restart apache2"
+        ),
+    ),
+    DaemonSpec(
+        name="network",
+        role="lb",
+        files=(
+            FileSpec(
+                "network/60-hcloud-ha-web.conf.j2",
+                "/etc/sysctl.d/60-hcloud-ha-web.conf",
+            ),
+            FileSpec(
+                "network/hcloud-floating-ip.service.j2",
+                "/etc/systemd/system/hcloud-floating-ip.service",
+            ),
+        ),
+        validate=(
+            "grep -Eq '^net\\.ipv4\\.ip_nonlocal_bind = 1$'"
+            " $STAGE{root}/etc/sysctl.d/60-hcloud-ha-web.conf"
+            " && grep -q '^ExecStart=/usr/sbin/ip ' "
+            "$STAGE{root}/etc/systemd/system/hcloud-floating-ip.service"
+        ),
+        activate=(
+            "sysctl -q -p /etc/sysctl.d/60-hcloud-ha-web.conf && systemctl daemon-reload"
+            " && systemctl enable -q hcloud-floating-ip.service"
+            " && systemctl restart hcloud-floating-ip.service"
+        ),
+    ),
+    DaemonSpec(
+        name="haproxy",
+        role="lb",
+        files=(FileSpec("haproxy/haproxy.cfg.j2", "/etc/haproxy/haproxy.cfg", "0600"),),
+        validate="haproxy -c -q -f $STAGE{root}/etc/haproxy/haproxy.cfg",
+        activate="systemctl enable -q haproxy && systemctl reload-or-restart haproxy",
+    ),
+    DaemonSpec(
+        name="keepalived",
+        role="lb",
+        files=(
+            FileSpec("keepalived/hcloud-floating-ip.j2", FAILOVER_SCRIPT, "0755"),
+            FileSpec("keepalived/failover-token.j2", TOKEN_FILE, "0600"),
+            FileSpec(
+                "keepalived/keepalived.conf.j2",
+                "/etc/keepalived/keepalived.conf",
+                "0600",
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{FAILOVER_SCRIPT} && rm -rf $STAGE{{root}}"
+            f"{Path(FAILOVER_SCRIPT).parent}/__pycache__"
+            " && keepalived -t -f $STAGE{root}/etc/keepalived/keepalived.conf"
+        ),
+        activate="systemctl enable -q keepalived && systemctl reload-or-restart keepalived",
+    ),
+)
+
+
+def daemons_for(role: Role) -> tuple[DaemonSpec, ...]:
+    return tuple(d for d in DAEMONS if d.role == role)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    role: Role
+    private_ip: str
+    server_id: int
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What only Hetzner knows: ids and the floating IP, resolved before rendering."""
+
+    floating_ip: str
+    floating_ip_id: int
+    server_ids: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class RenderSecrets:
+    stats_password: str = field(repr=False)
+    vrrp_password: str = field(repr=False)
+    failover_token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a host's files live. Production uses the defaults; the lab sets a prefix."""
+
+    root: str = ""
+    """Prefix of every path the files name (the lab gives each host its own tree)."""
+    haproxy_log_target: str = "/dev/log"
+    """HAProxy `log` target: the journal via /dev/log, or `stdout` in the lab."""
+    failover_log_file: str = ""
+    """Empty: the failover script logs to the journal; else it appends to this file."""
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    daemon: str
+    path: str
+    content: str = field(repr=False)
+    mode: str
+    owner: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content.encode()).hexdigest()
+
+
+def hosts(settings: Settings, facts: ClusterFacts) -> tuple[Host, ...]:
+    lbs = tuple(
+        Host(name, "lb", ip, facts.server_ids[name])
+        for name, ip in zip(settings.lb_names, settings.lb_ips, strict=True)
+    )
+    webs = tuple(
+        Host(name, "web", ip, facts.server_ids[name])
+        for name, ip in zip(settings.web_names, settings.web_ips, strict=True)
+    )
+    return lbs + webs
+
+
+def host_variables(
+    settings: Settings,
+    facts: ClusterFacts,
+    secrets: RenderSecrets,
+    host: Host,
+    layout: Layout,
+) -> dict[str, Any]:
+    """The explicit variable map every template of `host` is rendered with."""
+    all_hosts = hosts(settings, facts)
+    lbs = [h for h in all_hosts if h.role == "lb"]
+    is_primary = host.role == "lb" and host.name == lbs[0].name
+    peer = next((h for h in lbs if h.name != host.name), lbs[0])
+    root = layout.root.rstrip("/")
+    return {
+        "root": root,
+        "host": host,
+        "peer": peer,
+        "lbs": lbs,
+        "webs": [h for h in all_hosts if h.role == "web"],
+        "cluster_name": settings.cluster_name,
+        "subnet_cidr": settings.subnet_cidr,
+        "floating_ip": facts.floating_ip,
+        "floating_ip_id": facts.floating_ip_id,
+        "api_endpoint": settings.hetzner_api_endpoint,
+        "balance": settings.balance,
+        "cookie_name": settings.cookie_name,
+        "cookie_mode": settings.cookie_mode,
+        "health_check_path": settings.health_check_path,
+        "health_check_path_regex": re.escape(settings.health_check_path),
+        "health_check_host": settings.cluster_name,
+        "health_port": HEALTH_PORT,
+        "check_interval_ms": settings.haproxy_check_interval_ms,
+        "check_fall": settings.haproxy_check_fall,
+        "check_rise": settings.haproxy_check_rise,
+        "stats_user": settings.stats_user,
+        "stats_password": secrets.stats_password,
+        "vrrp_password": secrets.vrrp_password,
+        "failover_token": secrets.failover_token,
+        "vrrp_router_id": settings.vrrp_router_id,
+        "vrrp_version": settings.vrrp_version,
+        "vrrp_advert_interval": _seconds(settings.vrrp_advert_interval),
+        "is_primary": is_primary,
+        "priority": PRIMARY_PRIORITY if is_primary else BACKUP_PRIORITY,
+        "check_weight": CHECK_WEIGHT,
+        "failover_script": root + FAILOVER_SCRIPT,
+        "token_file": root + TOKEN_FILE,
+        "pid_file": root + "/run/hcloud-floating-ip.pid",
+        "log_file": layout.failover_log_file,
+        "haproxy_log_target": layout.haproxy_log_target,
+        "docroot": root + DOCROOT,
+    }
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def render_host(
+    settings: Settings,
+    facts: ClusterFacts,
+    secrets: RenderSecrets,
+    host_name: str,
+    layout: Layout | None = None,
+) -> tuple[RenderedFile, ...]:
+    """Render every file of one host, in table order."""
+    layout = layout or Layout()
+    host = next((h for h in hosts(settings, facts) if h.name == host_name), None)
+    if host is None:
+        raise KeyError(f"no host named {host_name!r} in this cluster")
+    variables = host_variables(settings, facts, secrets, host, layout)
+    rendered = []
+    for daemon in daemons_for(host.role):
+        for spec in daemon.files:
+            dest = spec.dest.replace("{health_check_path}", settings.health_check_path)
+            content = _ENV.get_template(spec.template).render(**variables)
+            rendered.append(
+                RenderedFile(
+                    daemon.name,
+                    variables["root"] + dest,
+                    content,
+                    spec.mode,
+                    spec.owner,
+                )
+            )
+    return tuple(rendered)
+
+
+def validate_command(daemon: DaemonSpec, layout: Layout | None = None) -> str:
+    return daemon.validate.replace(
+        "{root}", (layout or Layout()).root.rstrip("/")
+    ).strip()
+
+
+def activate_command(daemon: DaemonSpec, layout: Layout | None = None) -> str:
+    return daemon.activate.replace(
+        "{root}", (layout or Layout()).root.rstrip("/")
+    ).strip()
+
+
+def interface_facts_script(subnet_cidr: str, layout: Layout | None = None) -> str:
+    """Shell that discovers this host's interfaces and records them for the daemons.
+
+    The private interface's name depends on the server type (ens10, enp7s0, ...), so it
+    is looked up from the subnet on the host itself and never hard-coded.
+    """
+    root = (layout or Layout()).root.rstrip("/")
+    return f"""
+private_iface=$(ip -o -4 addr show to {subnet_cidr} | awk '{{print $2; exit}}')
+public_iface=$(ip -o -4 route show default | awk '{{print $5; exit}}')
+if [ -z "$private_iface" ]; then
+  echo "hcloud-ha-web: no interface with an address in {subnet_cidr}" >&2; exit 1
+fi
+mkdir -p {root}/etc/hcloud-ha-web {root}/etc/keepalived
+printf 'PRIVATE_IFACE=%s\\nPUBLIC_IFACE=%s\\n' "$private_iface" "${{public_iface:-eth0}}" \\
+  > {root}/etc/hcloud-ha-web/interfaces.env
+printf '$PRIVATE_IFACE=%s\\n' "$private_iface" > {root}/etc/keepalived/interfaces.conf
+""".strip()
