@@ -227,7 +227,9 @@ def validate(s: Settings) -> None:
         try:
             ipaddress.ip_network(cidr, strict=True)
         except ValueError as err:
-            raise SettingsError("adminCidrs", cidr, f"give CIDRs like 203.0.113.7/32 ({err})")
+            raise SettingsError(
+                "adminCidrs", cidr, f"give CIDRs like 203.0.113.7/32 ({err})"
+            ) from None
         _check(
             ipaddress.ip_network(cidr).prefixlen > 0,
             "adminCidrs",
@@ -424,15 +426,15 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
         return cfg.get(key)
 
     settings = settings_from_values(get)
-    ssh_private_key = cfg.get_secret("sshPrivateKey")
+    ssh_private_key = _get_secret(cfg, "sshPrivateKey")
     _check(
         ssh_private_key is not None,
         "sshPrivateKey",
         None,
         "set it: pulumi config set --secret sshPrivateKey < ~/.ssh/id_ed25519",
     )
-    failover_token = cfg.get_secret("failoverToken") or pulumi.Config("hcloud").get_secret(
-        "token"
+    failover_token = _get_secret(cfg, "failoverToken") or _get_secret(
+        pulumi.Config("hcloud"), "token"
     )
     _check(
         failover_token is not None,
@@ -445,7 +447,19 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
     secrets = SecretInputs(
         ssh_private_key=ssh_private_key,
         failover_token=failover_token,
-        stats_password=cfg.get_secret("statsPassword"),
-        vrrp_password=cfg.get_secret("vrrpPassword"),
+        stats_password=_get_secret(cfg, "statsPassword"),
+        vrrp_password=_get_secret(cfg, "vrrpPassword"),
     )
     return StackConfig(settings=settings, secrets=secrets)
+
+
+def _get_secret(cfg: pulumi.Config, key: str) -> pulumi.Output[str] | None:
+    """The value as a secret output; None when unset or blank.
+
+    Pulumi.yaml declares the optional secrets with default "" (a typed key without a
+    default would be required), so blank has to mean "not set".
+    """
+    raw = cfg.get(key)
+    if raw is None or not raw.strip():
+        return None
+    return cfg.get_secret(key)

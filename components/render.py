@@ -305,6 +305,29 @@ def render_host(
     return tuple(rendered)
 
 
+@dataclass(frozen=True)
+class FileTarget:
+    """Where one file of a daemon goes, known without rendering (no secrets needed)."""
+
+    path: str
+    mode: str
+    owner: str
+
+
+def file_targets(
+    settings: Settings, daemon: DaemonSpec, layout: Layout | None = None
+) -> tuple[FileTarget, ...]:
+    root = (layout or Layout()).root.rstrip("/")
+    return tuple(
+        FileTarget(
+            root + spec.dest.replace("{health_check_path}", settings.health_check_path),
+            spec.mode,
+            spec.owner,
+        )
+        for spec in daemon.files
+    )
+
+
 def validate_command(daemon: DaemonSpec, layout: Layout | None = None) -> str:
     return daemon.validate.replace(
         "{root}", (layout or Layout()).root.rstrip("/")
@@ -325,7 +348,13 @@ def interface_facts_script(subnet_cidr: str, layout: Layout | None = None) -> st
     """
     root = (layout or Layout()).root.rstrip("/")
     return f"""
-private_iface=$(ip -o -4 addr show to {subnet_cidr} | awk '{{print $2; exit}}')
+# The private network may attach a little after boot: wait for it, bounded.
+private_iface=""
+for _ in $(seq 1 60); do
+  private_iface=$(ip -o -4 addr show to {subnet_cidr} | awk '{{print $2; exit}}')
+  [ -n "$private_iface" ] && break
+  sleep 2
+done
 public_iface=$(ip -o -4 route show default | awk '{{print $5; exit}}')
 if [ -z "$private_iface" ]; then
   echo "hcloud-ha-web: no interface with an address in {subnet_cidr}" >&2; exit 1

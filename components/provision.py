@@ -1,0 +1,241 @@
+"""Provisioning: per server, pulumi-command remote steps built from the render table.
+
+Each host gets a `base` step (wait for cloud-init, install packages, record the
+interface names) and then one step per daemon of its role (`components.render.DAEMONS`):
+stage the files, check them with the daemon's own checker, move them into place and
+reload, only if something changed. A rejected config leaves the running one untouched
+and fails the step with the checker's output.
+
+Files travel as a base64 tarball on stdin, so no secret is ever in the command text; the
+stdin and the triggers derived from secret values are secret outputs. Each step's
+`triggers` hash what it ships, so a template change re-runs only the steps it touches.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import shlex
+import tarfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_hcloud as hcloud
+from pulumi_command import remote
+
+from components.config import Settings, StackConfig
+from components.render import (
+    PACKAGES,
+    ClusterFacts,
+    DaemonSpec,
+    FileTarget,
+    Layout,
+    RenderedFile,
+    RenderSecrets,
+    Role,
+    activate_command,
+    daemons_for,
+    file_targets,
+    interface_facts_script,
+    render_host,
+    validate_command,
+)
+
+APT = "apt-get -q -o DPkg::Lock::Timeout=600"
+
+
+def base_script(role: Role, settings: Settings) -> str:
+    """Shell of the base step: idempotent, safe to re-run."""
+    packages = " ".join(PACKAGES[role])
+    return f"""set -eu
+if command -v cloud-init >/dev/null 2>&1; then
+  cloud-init status --wait >/dev/null 2>&1 || true
+fi
+export DEBIAN_FRONTEND=noninteractive
+{APT} update
+{APT} install -y --no-install-recommends {packages}
+{interface_facts_script(settings.subnet_cidr)}
+echo "hcloud-ha-web: base ready ({packages})"
+"""
+
+
+def step_script(
+    daemon: DaemonSpec, targets: Sequence[FileTarget], layout: Layout | None = None
+) -> str:
+    """Shell of one daemon step. Reads the staged tree (tar.gz, base64) from stdin.
+
+    Built from file targets only, so the command text holds no secret and shows in
+    `pulumi preview` as it is.
+    """
+    installs = "\n".join(
+        f"install_file {shlex.quote(t.path)} {t.mode} {t.owner}" for t in targets
+    )
+    return f"""set -eu
+umask 077
+stage=$(mktemp -d /var/tmp/hcloud-ha-web-{daemon.name}.XXXXXX)
+trap 'rm -rf "$stage"' EXIT
+base64 -d | tar -xzf - -C "$stage" --no-same-owner
+export STAGE="$stage"
+if ! out=$( ( {validate_command(daemon, layout)}
+) 2>&1 ); then
+  printf '%s\\n' "$out" >&2
+  echo "hcloud-ha-web: {daemon.name} config rejected on $(hostname); running config untouched" >&2
+  exit 1
+fi
+changed=0
+install_file() {{
+  if ! cmp -s "$stage$1" "$1"; then
+    mkdir -p "$(dirname "$1")"
+    install -m "$2" -o "${{3%%:*}}" -g "${{3##*:}}" "$stage$1" "$1.hcloud-ha-web-new"
+    mv -f "$1.hcloud-ha-web-new" "$1"
+    changed=1
+  fi
+}}
+{installs}
+if [ "$changed" = 1 ]; then
+  {activate_command(daemon, layout)}
+  echo "hcloud-ha-web: {daemon.name} updated and reloaded"
+else
+  echo "hcloud-ha-web: {daemon.name} unchanged"
+fi
+"""
+
+
+def payload(files: Sequence[RenderedFile]) -> str:
+    """Deterministic tar.gz (base64) of the files at their destination paths."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for f in sorted(files, key=lambda f: f.path):
+            data = f.content.encode()
+            info = tarfile.TarInfo(f.path.lstrip("/"))
+            info.size, info.mode, info.mtime = len(data), int(f.mode, 8), 0
+            tar.addfile(info, io.BytesIO(data))
+    raw = buffer.getvalue()
+    # gzip stores a timestamp of its own; zero it so equal files give equal payloads.
+    raw = raw[:4] + b"\x00\x00\x00\x00" + raw[8:]
+    return base64.b64encode(raw).decode()
+
+
+def content_hash(files: Sequence[RenderedFile], script: str) -> str:
+    digest = hashlib.sha256(script.encode())
+    for f in sorted(files, key=lambda f: f.path):
+        digest.update(f"\0{f.path}\0{f.mode}\0{f.owner}\0{f.sha256}".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one daemon step of one host ships: plain values, for tests and the lab."""
+
+    host: str
+    daemon: str
+    script: str
+    files: tuple[RenderedFile, ...]
+
+    @property
+    def stdin(self) -> str:
+        return payload(self.files)
+
+    @property
+    def trigger(self) -> str:
+        return content_hash(self.files, self.script)
+
+
+def plan_host(
+    settings: Settings,
+    facts: ClusterFacts,
+    secrets: RenderSecrets,
+    host: str,
+    layout: Layout | None = None,
+) -> tuple[StepPlan, ...]:
+    """Every daemon step of `host`, in order (production paths unless `layout` says)."""
+    files = render_host(settings, facts, secrets, host, layout)
+    role: Role = "lb" if host in settings.lb_names else "web"
+    plans = []
+    for daemon in daemons_for(role):
+        mine = tuple(f for f in files if f.daemon == daemon.name)
+        script = step_script(daemon, file_targets(settings, daemon, layout), layout)
+        plans.append(StepPlan(host, daemon.name, script, mine))
+    return tuple(plans)
+
+
+def provision_cluster(
+    *,
+    parent: pulumi.Resource,
+    stack: StackConfig,
+    servers: Mapping[str, hcloud.Server],
+    floating_ip: hcloud.FloatingIp,
+    stats_password: pulumi.Output[str],
+    vrrp_password: pulumi.Output[str],
+    depends_on: Sequence[pulumi.Resource],
+) -> Mapping[str, Sequence[pulumi.Resource]]:
+    """Create the remote steps of every server; returns them per server, in order.
+
+    Steps on different hosts run in parallel, except that lb2 reloads a daemon only
+    after lb1 has, so the two LBs never reload at the same moment.
+    """
+    settings = stack.settings
+    names = [*settings.lb_names, *settings.web_names]
+    server_ids = pulumi.Output.all(*[servers[n].id for n in names]).apply(
+        lambda ids: {n: int(i) for n, i in zip(names, ids, strict=True)}
+    )
+    plans: pulumi.Output[dict[str, tuple[StepPlan, ...]]] = pulumi.Output.all(
+        floating_ip.ip_address,
+        floating_ip.id,
+        server_ids,
+        stats_password,
+        vrrp_password,
+        stack.secrets.failover_token,
+    ).apply(
+        lambda v: {
+            name: plan_host(
+                settings,
+                ClusterFacts(floating_ip=v[0], floating_ip_id=int(v[1]), server_ids=v[2]),
+                RenderSecrets(stats_password=v[3], vrrp_password=v[4], failover_token=v[5]),
+                name,
+            )
+            for name in names
+        }
+    )
+
+    steps: dict[str, list[pulumi.Resource]] = {}
+    previous_lb_step: dict[str, pulumi.Resource] = {}
+    for name in names:
+        role: Role = "lb" if name in settings.lb_names else "web"
+        connection = remote.ConnectionArgs(
+            host=servers[name].ipv4_address,
+            user="root",
+            private_key=stack.secrets.ssh_private_key,
+            dial_error_limit=30,  # a new server needs a while before sshd answers
+            per_dial_timeout=10,
+        )
+        script = base_script(role, settings)
+        base = remote.Command(
+            f"{name}-base",
+            connection=connection,
+            create=script,
+            triggers=[hashlib.sha256(script.encode()).hexdigest()],
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(depends_on)),
+        )
+        steps[name] = [base]
+        for index, daemon in enumerate(daemons_for(role)):
+            plan = plans.apply(lambda p, n=name, i=index: p[n][i])
+            after: list[pulumi.Resource] = [steps[name][-1]]
+            if role == "lb" and daemon.name in previous_lb_step:
+                after.append(previous_lb_step[daemon.name])
+            step = remote.Command(
+                f"{name}-{daemon.name}",
+                connection=connection,
+                create=step_script(daemon, file_targets(settings, daemon)),
+                stdin=pulumi.Output.secret(plan.apply(lambda p: p.stdin)),
+                triggers=[plan.apply(lambda p: p.trigger)],
+                add_previous_output_in_env=False,
+                opts=pulumi.ResourceOptions(parent=parent, depends_on=after),
+            )
+            if role == "lb":
+                previous_lb_step[daemon.name] = step
+            steps[name].append(step)
+    return steps
