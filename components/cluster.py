@@ -17,7 +17,7 @@ Layout (names are Pulumi logical names, `<name>` is the component's name):
 - `<name>-stats-password`, `<name>-vrrp-password`: generated when not configured.
 
 After the servers exist the component hands them to `provision_cluster()` (components/
-provision.py), which installs and configures the daemons over SSH.
+provision.py), which installs and configures the daemons over SSH (pulumi-command).
 """
 
 from __future__ import annotations
@@ -29,13 +29,7 @@ import pulumi_hcloud as hcloud
 import pulumi_random as random
 
 from components.config import StackConfig
-
-try:
-    from components.provision import provision_cluster
-except ModuleNotFoundError as err:  # provision.py lands in the next issue
-    if err.name != "components.provision":
-        raise
-    provision_cluster = None  # type: ignore[assignment]
+from components.provision import provision_cluster
 
 TYPE_TOKEN = "hcloud-ha-web:index:HaWebCluster"
 
@@ -107,7 +101,7 @@ class HaWebCluster(pulumi.ComponentResource):
       floating_ip: the Floating IP address; site_url / stats_url built on it.
       public_ipv4 / private_ip / server_id: dicts keyed by server name.
       stats_user: plain str; stats_password / vrrp_password: secret outputs.
-      provisioned: what provision_cluster() returned (empty until provision.py exists).
+      provisioned: the remote steps provision_cluster() created, per server name.
     """
 
     floating_ip: pulumi.Output[str]
@@ -280,17 +274,18 @@ class HaWebCluster(pulumi.ComponentResource):
         }
 
         # --- provisioning seam ---------------------------------------------------------
-        self.provisioned: Mapping[str, Sequence[pulumi.Resource]] = {}
-        if provision_cluster is not None:
-            self.provisioned = provision_cluster(
-                parent=self,
-                stack=stack,
-                servers=self.servers,
-                floating_ip=self.floating_ip_resource,
-                stats_password=self.stats_password,
-                vrrp_password=self.vrrp_password,
-                depends_on=[self.floating_ip_assignment, self.subnet],
-            )
+        # Remote steps per server ("lb1" -> [base, haproxy, keepalived, ...]). They wait for
+        # the subnet (private IP attached) and the Floating IP assignment (lb1 holds it
+        # before keepalived starts).
+        self.provisioned: Mapping[str, Sequence[pulumi.Resource]] = provision_cluster(
+            parent=self,
+            stack=stack,
+            servers=self.servers,
+            floating_ip=self.floating_ip_resource,
+            stats_password=self.stats_password,
+            vrrp_password=self.vrrp_password,
+            depends_on=[self.floating_ip_assignment, self.subnet],
+        )
 
         self.register_outputs(
             {

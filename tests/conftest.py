@@ -1,0 +1,274 @@
+"""Shared fixtures: Pulumi mocks that record what the engine would see, and valid settings.
+
+`RecordingMonitor` wraps Pulumi's own `MockMonitor` and keeps every RegisterResource and
+RegisterResourceOutputs request as sent by the SDK: inputs (with secret markers), parent,
+dependencies and ignoreChanges. Tests assert on those, not on the program's own constants.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import runpy
+import string
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pulumi
+import pytest
+from google.protobuf import json_format
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
+from pulumi.runtime.settings import get_root_resource, set_root_resource
+from pulumi.runtime.sync_await import _sync_await
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from components.config import PROJECT, SecretInputs, Settings, StackConfig  # noqa: E402
+
+STACK = "test"
+SECRET_SIG = rpc._special_sig_key  # "4dabf18193072939515e22adb298388d"
+SECRET_MARK = rpc._special_secret_sig  # "1b47061264138c4ac30d75fd1eb44270"
+
+# Distinctive secret values, so a leak is easy to spot in any serialized input.
+PRIVATE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    "b3BlbnNzaC1rZXktdjEAAAAAtestPRIVATEkeyMATERIALdoNotLeak0001\n"
+    "-----END OPENSSH PRIVATE KEY-----\n"
+)
+FAILOVER_TOKEN = "hcloudTokenForFailoverTests0123456789abcdefghijklmnopqrstuvwxyz01"
+
+
+def ed25519_public_key(seed: int = 7, comment: str = "admin@example") -> str:
+    """A syntactically valid OpenSSH ed25519 public key line."""
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes([seed]) * 32
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+
+
+PUBLIC_KEY = ed25519_public_key()
+ADMIN_CIDRS = ("198.51.100.7/32", "2001:db8::/64")
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """A valid Settings; keyword arguments override single fields."""
+    values: dict[str, Any] = {"ssh_public_key": PUBLIC_KEY, "admin_cidrs": ADMIN_CIDRS}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def make_stack(
+    *,
+    stats_password: str | None = None,
+    vrrp_password: str | None = None,
+    **overrides: Any,
+) -> StackConfig:
+    """A valid StackConfig; secrets are Pulumi secrets, passwords generated unless given."""
+    return StackConfig(
+        settings=make_settings(**overrides),
+        secrets=SecretInputs(
+            ssh_private_key=pulumi.Output.secret(PRIVATE_KEY),
+            failover_token=pulumi.Output.secret(FAILOVER_TOKEN),
+            stats_password=None if stats_password is None else pulumi.Output.secret(stats_password),
+            vrrp_password=None if vrrp_password is None else pulumi.Output.secret(vrrp_password),
+        ),
+    )
+
+
+SECRET_KEYS = ("sshPrivateKey", "failoverToken", "statsPassword", "vrrpPassword", "token")
+
+
+def valid_config(**overrides: Any) -> tuple[dict[str, str], list[str]]:
+    """Raw stack config (as the CLI hands it to the program) and its secret keys.
+
+    Keys are un-namespaced project keys or namespaced ones ("hcloud:token"); a value of
+    None removes the key. Lists are JSON, as `pulumi config set --path` stores them.
+    """
+    import json
+
+    raw: dict[str, Any] = {
+        "sshPublicKey": PUBLIC_KEY,
+        "adminCidrs": json.dumps(list(ADMIN_CIDRS)),
+        "sshPrivateKey": PRIVATE_KEY,
+        "failoverToken": FAILOVER_TOKEN,
+    }
+    raw.update(overrides)
+    config: dict[str, str] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        full = key if ":" in key else f"{PROJECT}:{key}"
+        config[full] = value if isinstance(value, str) else json.dumps(value)
+    secret_keys = [k for k in config if k.split(":", 1)[1] in SECRET_KEYS]
+    return config, secret_keys
+
+
+# --- mocks --------------------------------------------------------------------------
+
+
+class Mocks(pulumi.runtime.Mocks):
+    """Fills in what providers compute: numeric ids, addresses, generated passwords."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1001)
+        self._hosts = itertools.count(10)
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        outputs = dict(args.inputs)
+        rid = str(next(self._ids))
+        if args.typ == "hcloud:index/server:Server":
+            host = next(self._hosts)
+            outputs["ipv4Address"] = f"203.0.113.{host}"
+            outputs["ipv6Address"] = f"2001:db8:{host:x}::1"
+            outputs["status"] = "running"
+        elif args.typ == "hcloud:index/floatingIp:FloatingIp":
+            outputs["ipAddress"] = "192.0.2.44"
+        elif args.typ == "hcloud:index/networkSubnet:NetworkSubnet":
+            # The provider's subnet id is "<network id>-<ip range>".
+            rid = f"{args.inputs['networkId']}-{args.inputs['ipRange']}"
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            outputs["result"] = generated_password(
+                args.name, int(args.inputs["length"]), bool(args.inputs.get("special", True))
+            )
+        return rid, outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
+        return {}, None
+
+
+def generated_password(name: str, length: int, special: bool) -> str:
+    alphabet = string.ascii_letters + string.digits + ("!#%&*+-=?@^_" if special else "")
+    seed = sum(map(ord, name))
+    return "".join(alphabet[(seed + 7 * i) % len(alphabet)] for i in range(length))
+
+
+@dataclass
+class Registration:
+    """One RegisterResource request as the engine would receive it."""
+
+    type: str
+    name: str
+    urn: str
+    parent: str
+    custom: bool
+    dependencies: list[str]
+    ignore_changes: list[str]
+    inputs: dict[str, Any]  # deserialized (secrets unwrapped)
+    wire: dict[str, Any]  # serialized, secret values still wrapped
+    id: str = ""
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    """Pulumi's MockMonitor, keeping every request it receives."""
+
+    registrations: list[Registration]
+    outputs: dict[str, dict[str, Any]]
+
+    def __init__(self, mocks: Mocks) -> None:
+        super().__init__(mocks)
+        self.registrations = []
+        self.outputs = {}
+
+    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (gRPC name)
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            self.registrations.append(
+                Registration(
+                    type=request.type,
+                    name=request.name,
+                    urn=response.urn,
+                    parent=request.parent,
+                    custom=request.custom,
+                    dependencies=list(request.dependencies),
+                    ignore_changes=list(request.ignoreChanges),
+                    inputs=rpc.deserialize_properties(request.object),
+                    wire=json_format.MessageToDict(request.object),
+                    id=response.id,
+                )
+            )
+        return response
+
+    def RegisterResourceOutputs(self, request: Any) -> Any:  # noqa: N802 (gRPC name)
+        self.outputs[request.urn] = json_format.MessageToDict(request.outputs)
+        return super().RegisterResourceOutputs(request)
+
+    # --- queries ---------------------------------------------------------------------
+
+    def of_type(self, type_: str) -> list[Registration]:
+        return [r for r in self.registrations if r.type == type_]
+
+    def named(self, name: str) -> Registration:
+        found = [r for r in self.registrations if r.name == name]
+        assert len(found) == 1, f"expected one resource named {name!r}, found {len(found)}"
+        return found[0]
+
+    def by_urn(self, urn: str) -> Registration:
+        return next(r for r in self.registrations if r.urn == urn)
+
+
+@pytest.fixture
+def monitor() -> Iterator[RecordingMonitor]:
+    """Fresh mocks, a fresh root stack and empty config for each test."""
+    mocks = Mocks()
+    mon = RecordingMonitor(mocks)
+    set_root_resource(None)  # type: ignore[arg-type]
+    pulumi.runtime.set_all_config({}, [])
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=STACK, preview=False, monitor=mon)
+    yield mon
+    pulumi.runtime.set_all_config({}, [])
+
+
+T = TypeVar("T")
+
+
+def run(program: Callable[[], T]) -> T:
+    """Run `program` under the mocks and wait until every registration has finished."""
+    box: list[T] = []
+
+    @pulumi.runtime.test
+    def _program() -> None:
+        box.append(program())
+
+    _program()
+    return box[0]
+
+
+def run_main() -> dict[str, Any]:
+    """Run __main__.py as the CLI would; returns the stack's exports."""
+    run(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__"))
+    root = get_root_resource()
+    assert root is not None
+    return dict(root.outputs)  # type: ignore[attr-defined]
+
+
+def resolve(output: Any) -> Any:
+    """The value of an output after `run` has finished (all its futures are resolved)."""
+    return _sync_await(pulumi.Output.from_input(output).future())
+
+
+def is_secret(output: Any) -> bool:
+    return bool(_sync_await(pulumi.Output.from_input(output).is_secret()))
+
+
+def find_plaintext(wire: Any, needle: str, path: str = "") -> list[str]:
+    """Paths in a serialized property struct where `needle` appears outside a secret."""
+    if isinstance(wire, dict):
+        if wire.get(SECRET_SIG) == SECRET_MARK:
+            return []
+        hits: list[str] = []
+        for key, value in wire.items():
+            hits += find_plaintext(value, needle, f"{path}.{key}")
+        return hits
+    if isinstance(wire, list):
+        hits = []
+        for i, value in enumerate(wire):
+            hits += find_plaintext(value, needle, f"{path}[{i}]")
+        return hits
+    if isinstance(wire, str) and needle in wire:
+        return [path or "."]
+    return []
