@@ -69,9 +69,7 @@ def step_script(
     Built from file targets only, so the command text holds no secret and shows in
     `pulumi preview` as it is.
     """
-    installs = "\n".join(
-        f"install_file {shlex.quote(t.path)} {t.mode} {t.owner}" for t in targets
-    )
+    installs = "\n".join(f"install_file {shlex.quote(t.path)} {t.mode} {t.owner}" for t in targets)
     return f"""set -eu
 umask 077
 stage=$(mktemp -d /var/tmp/hcloud-ha-web-{daemon.name}.XXXXXX)

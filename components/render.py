@@ -128,7 +128,7 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         name="haproxy",
         role="lb",
         files=(FileSpec("haproxy/haproxy.cfg.j2", "/etc/haproxy/haproxy.cfg", "0600"),),
-        validate="haproxy -c -q -f $STAGE{root}/etc/haproxy/haproxy.cfg",
+        validate="haproxy -c -f $STAGE{root}/etc/haproxy/haproxy.cfg",
         activate="systemctl enable -q haproxy && systemctl reload-or-restart haproxy",
     ),
     DaemonSpec(
@@ -329,15 +329,11 @@ def file_targets(
 
 
 def validate_command(daemon: DaemonSpec, layout: Layout | None = None) -> str:
-    return daemon.validate.replace(
-        "{root}", (layout or Layout()).root.rstrip("/")
-    ).strip()
+    return daemon.validate.replace("{root}", (layout or Layout()).root.rstrip("/")).strip()
 
 
 def activate_command(daemon: DaemonSpec, layout: Layout | None = None) -> str:
-    return daemon.activate.replace(
-        "{root}", (layout or Layout()).root.rstrip("/")
-    ).strip()
+    return daemon.activate.replace("{root}", (layout or Layout()).root.rstrip("/")).strip()
 
 
 def interface_facts_script(subnet_cidr: str, layout: Layout | None = None) -> str:

@@ -1,0 +1,113 @@
+"""Helpers for the render + check tier: a throw-away network namespace and sample settings."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from components.config import Settings
+from components.render import RenderedFile
+
+# A syntactically valid ed25519 public key (its private half was never kept).
+SAMPLE_PUBLIC_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG3m0p4C1Hn7Dfv8Vqz2T4pTq5QqzZ2s2uPz2n3c8Jz9 ops@example"
+)
+CHECKERS = ("haproxy", "keepalived", "apache2", "ip", "python3")
+
+
+def checker_missing() -> str:
+    """Why the render + check tier cannot run here, or "" when it can."""
+    if os.geteuid() != 0:
+        return "render+check needs root (keepalived -t runs in a network namespace)"
+    missing = [
+        c for c in CHECKERS if shutil.which(c) is None and not Path(f"/usr/sbin/{c}").exists()
+    ]
+    if missing:
+        return (
+            f"render+check needs {', '.join(missing)} (apt-get install haproxy keepalived apache2)"
+        )
+    return ""
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "ssh_public_key": SAMPLE_PUBLIC_KEY,
+        "admin_cidrs": ("203.0.113.7/32",),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def write_tree(root: Path, files: Iterable[RenderedFile]) -> None:
+    """Write rendered files under `root`, at their destination paths (a staged tree)."""
+    for f in files:
+        target = root / f.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f.content)
+        target.chmod(int(f.mode, 8))
+
+
+class NetnsHost:
+    """A network namespace standing in for one host; removed on exit, whatever happened.
+
+    Addresses come from 198.18.0.0/15 only: a subnet outside it (like the default
+    10.0.1.0/24) gets an interface with no address, named in the facts by the caller.
+    """
+
+    def __init__(self) -> None:
+        self.name = f"hwr{secrets.token_hex(3)}"
+
+    def __enter__(self) -> NetnsHost:
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def prepare_private_interface(self, subnet_cidr: str, index: int, name: str = "") -> str:
+        """Give the namespace an interface in `subnet_cidr` (lab range) and return its name."""
+        iface = name or f"ens{index}"
+        ip = ["ip", "-n", self.name]
+        if subprocess.run([*ip, "link", "show", iface], capture_output=True).returncode != 0:
+            subprocess.run(
+                [*ip, "link", "add", iface, "type", "veth", "peer", "name", f"p{iface}"], check=True
+            )
+            subprocess.run([*ip, "link", "set", iface, "up"], check=True)
+        net = ipaddress.ip_network(subnet_cidr)
+        if net.subnet_of(ipaddress.ip_network("198.18.0.0/15")):
+            subprocess.run(
+                [
+                    *ip,
+                    "addr",
+                    "replace",
+                    f"{net.network_address + 11}/{net.prefixlen}",
+                    "dev",
+                    iface,
+                ],
+                check=True,
+            )
+        return iface
+
+    def run(
+        self, script: str, env: Mapping[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, "sh", "-ec", script],
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+        )
