@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(bool(checker_missing()), reason=checker_missing(
 
 FACTS = ClusterFacts("198.19.1.1", 4711, {"lb1": 11, "lb2": 12, "web1": 21, "web2": 22})
 SECRETS = RenderSecrets(
-    stats_password="s3cret-stats", vrrp_password="vrrp1234", failover_token="tok"
+    stats_password="s3cret-stats", vrrp_password="vrrp1234", failover_token="hcloud-token-9f3a"
 )
 
 
