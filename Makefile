@@ -1,0 +1,51 @@
+# hcloud-ha-web: `make up` deploys the dev stack, `make test` runs every test tier.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STACK ?= dev
+export STACK
+
+.PHONY: help venv system-deps up preview destroy test test-unit test-render lab bench e2e clean
+
+help:
+	@echo "make up | preview | destroy   pulumi on stack $(STACK) (local file state by default)"
+	@echo "make test                     every tier: unit, render+check, lab, local cloud"
+	@echo "make lab | bench | e2e | lint"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+system-deps:
+	./scripts/system-deps.sh
+
+up preview destroy: venv
+	./scripts/pulumi-stack.sh $@
+
+test: venv system-deps
+	$(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+test-render: venv system-deps
+	$(PY) -m pytest tests/render
+
+lab: venv system-deps
+	$(PY) -m lab
+
+bench: venv system-deps
+	$(PY) -m lab.bench
+
+e2e: venv system-deps
+	$(PY) -m pytest -m cloud tests/cloud
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+include mk/lint.mk
+lint: $(VENV)/.installed
