@@ -18,7 +18,7 @@ import hashlib
 import io
 import shlex
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -159,6 +159,15 @@ def plan_host(
     return tuple(plans)
 
 
+def _secret_stdin(plan: pulumi.Output[StepPlan]) -> pulumi.Output[str]:
+    stdin: pulumi.Output[str] = plan.apply(lambda p: p.stdin)
+    return pulumi.Output.secret(stdin)
+
+
+def _pick(host: str, index: int) -> Callable[[Mapping[str, tuple[StepPlan, ...]]], StepPlan]:
+    return lambda plans: plans[host][index]
+
+
 def provision_cluster(
     *,
     parent: pulumi.Resource,
@@ -220,7 +229,7 @@ def provision_cluster(
         )
         steps[name] = [base]
         for index, daemon in enumerate(daemons_for(role)):
-            plan = plans.apply(lambda p, n=name, i=index: p[n][i])
+            plan = plans.apply(_pick(name, index))
             after: list[pulumi.Resource] = [steps[name][-1]]
             if role == "lb" and daemon.name in previous_lb_step:
                 after.append(previous_lb_step[daemon.name])
@@ -228,7 +237,7 @@ def provision_cluster(
                 f"{name}-{daemon.name}",
                 connection=connection,
                 create=step_script(daemon, file_targets(settings, daemon)),
-                stdin=pulumi.Output.secret(plan.apply(lambda p: p.stdin)),
+                stdin=_secret_stdin(plan),
                 triggers=[plan.apply(lambda p: p.trigger)],
                 add_previous_output_in_env=False,
                 opts=pulumi.ResourceOptions(parent=parent, depends_on=after),
