@@ -1,0 +1,1226 @@
+"""Real Debian systemd hosts for the local cloud tier: ``systemd-nspawn --boot`` in a netns.
+
+The seam to the lab topology is deliberately small: a host is booted *inside
+an existing network namespace given by name* (``/run/netns/<name>``).  This
+module never creates, wires or deletes network namespaces; whoever owns the
+topology does (``lab.netns`` / ``lab.topology``, or the small helper in
+``tests/cloud/conftest.py``).  The container sees exactly the interfaces and
+addresses of that namespace, with ``CAP_NET_ADMIN`` and a writable
+``/proc/sys/net`` so provisioning can add the floating IP and set
+``net.ipv4.ip_nonlocal_bind``.
+
+Usage::
+
+    with CloudLab() as lab:                       # per-run prefix, key pair, workdir
+        h = lab.host("lb1", netns="hw1a2b-lb1", suite="trixie")
+        lab.boot(h)                               # parallel start + bounded wait
+        h.ssh("apt-get install -y haproxy", timeout=600)
+        h.reboot()                                # relaunch: same rootfs, same netns
+    # everything torn down (also on exceptions, SIGINT, SIGTERM, SIGHUP, exit)
+
+How hosts reach the package mirror (and nothing else)
+------------------------------------------------------
+Each host namespace gets *no* route out.  Instead the lab process opens a
+listening socket on ``127.0.0.1:3142`` *inside the host's namespace* (a
+thread does ``setns(CLONE_NEWNET)``, binds, and the socket stays in that
+namespace), and serves it from the root namespace as a tiny HTTP proxy that
+forwards only to the Debian mirror host(s) this machine's apt uses (resolved at
+run time by the machine's resolver).  The image's apt points at it
+(``Acquire::http::Proxy``), so ``apt-get install`` inside works exactly as on
+a server, and every other destination is unreachable.  Immutable files
+(``pool/*.deb``, ``by-hash``) are cached under
+``<cache_dir>/apt-proxy`` and reused by later hosts and runs (apt still
+verifies every file against the signed Release).  This needs no address, veth,
+route, NAT rule or ``ip_forward`` change in the root namespace (on this
+machine ``ip_forward`` is 0 and neither iptables nor nft is installed; turning
+on forwarding would change the whole machine).  DNS: there is none inside
+(``/etc/resolv.conf`` has no nameserver); apt never resolves the mirror itself
+because it talks to the proxy.
+
+Two launch modes (:func:`detect_mode`)
+--------------------------------------
+``legacy`` (PID 1 is not systemd, e.g. this machine: cgroup v1 + a cgroup2 at
+``/sys/fs/cgroup/unified``): the lab creates one cgroup directory per host in
+every hierarchy (below the lab process's own cgroup), moves a small ``sh``
+wrapper into them and execs ``systemd-nspawn --register=no --keep-unit``, with
+``SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`` (Debian 13's systemd 257 refuses to boot
+on cgroup v1/hybrid; Debian 12's 252 is happy with it too) and
+``SYSTEMD_NSPAWN_API_VFS_WRITABLE=network``.  ``systemd`` (an ordinary systemd
+machine): plain ``systemd-nspawn``, registered with machined, which creates
+its scope.  ``HCLOUD_HA_WEB_NSPAWN_MODE=legacy|systemd`` overrides detection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import http.client
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from lab.cloud.rootfs import (
+    DEFAULT_CACHE_DIR,
+    Mirror,
+    apt_mirror,
+    ensure_rootfs,
+    extract,
+    suite_of,
+)
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+#: Per-run prefixes: ``hc`` + 4 hex digits (``lab.netns`` uses ``hw``).
+PREFIX_STEM = "hc"
+PREFIX_RE = re.compile(r"^hc[0-9a-f]{4}$")
+#: Per-run work directories live below this (``<WORK_ROOT>/<prefix>``).
+WORK_ROOT = Path(os.environ.get("HCLOUD_HA_WEB_WORK", "/var/tmp/hcloud-ha-web"))
+#: Where the mirror proxy listens inside every host namespace.
+PROXY_ADDR = ("127.0.0.1", 3142)
+
+BOOT_TIMEOUT = 180.0
+STOP_TIMEOUT = 30.0
+SSH_TIMEOUT = 120.0
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NSPAWN_RUN_DIRS = (Path("/run/systemd/nspawn/propagate"), Path("/run/systemd/nspawn/unix-export"))
+
+REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "ssh", "ssh-keygen", "nsenter", "tar", "mount", "umount")
+
+Log = Callable[[str], None]
+
+
+class CloudError(RuntimeError):
+    """Something in the local cloud harness went wrong."""
+
+
+class CloudInterrupted(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM/SIGHUP while a :class:`CloudLab` is open."""
+
+
+def _which(tool: str) -> Optional[str]:
+    return shutil.which(tool) or shutil.which(tool, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+def requirements_missing() -> Optional[str]:
+    """Why hosts cannot be booted here (``None`` when they can)."""
+    if os.geteuid() != 0:
+        return "local cloud tier needs root (network namespaces, mounts, systemd-nspawn)"
+    missing = [t for t in REQUIRED_TOOLS if not _which(t)]
+    if missing:
+        return f"missing tools: {', '.join(missing)} (apt-get install debootstrap systemd-container openssh-client util-linux)"
+    return None
+
+
+def detect_mode() -> str:
+    """``systemd`` when PID 1 is systemd (plain nspawn path), else ``legacy``."""
+    forced = os.environ.get("HCLOUD_HA_WEB_NSPAWN_MODE")
+    if forced in ("systemd", "legacy"):
+        return forced
+    try:
+        comm = Path("/proc/1/comm").read_text().strip()
+    except OSError:
+        comm = ""
+    return "systemd" if comm == "systemd" and Path("/run/systemd/system").is_dir() else "legacy"
+
+
+def new_prefix(max_tries: int = 20) -> str:
+    for _ in range(max_tries):
+        p = PREFIX_STEM + secrets.token_hex(2)
+        if not (WORK_ROOT / p).exists():
+            return p
+    raise CloudError("could not find a free prefix")
+
+
+# --------------------------------------------------------------------------- netns helpers
+
+_libc: Any = None
+
+
+def _setns(path: Path) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def socket_in_netns(netns: str, addr: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    """A listening TCP socket bound to ``addr`` inside ``/run/netns/<netns>``.
+
+    Created by a short-lived thread switched into the namespace (only that
+    thread changes namespace); the socket keeps its namespace for life.
+    Brings ``lo`` up first when ``addr`` is a loopback address.
+    """
+    path = NETNS_DIR / netns
+    if not path.exists():
+        raise CloudError(f"network namespace {netns!r} does not exist ({path})")
+    if addr[0].startswith("127."):
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=10,
+                       capture_output=True)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            _setns(path)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+            s.listen(64)
+            box["sock"] = s
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=f"bind-{netns}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"binding in {netns} took longer than {timeout}s")
+    if "error" in box:
+        raise box["error"]
+    return box["sock"]
+
+
+# --------------------------------------------------------------------------- mirror proxy
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
+        "te", "trailer", "transfer-encoding", "upgrade", "content-length"}
+_CACHEABLE = re.compile(r"^/[\w.+~%-]+(?:/[\w.+~%-]+)*/(?:pool/.+\.u?deb|dists/.+/by-hash/\w+/[0-9a-f]{32,})$")
+
+
+class MirrorProxy:
+    """HTTP proxy for apt that forwards only to the Debian mirror host(s).
+
+    One instance serves any number of namespaces: :meth:`listen` binds a
+    socket inside a namespace and serves it from a thread of this process.
+    """
+
+    def __init__(self, mirror: Mirror, cache_dir: Optional[Path], log_file: Path,
+                 upstream_timeout: float = 60.0) -> None:
+        self.mirror = mirror
+        self.allowed = set(mirror.hosts)
+        self.cache_dir = cache_dir
+        self.upstream_timeout = upstream_timeout
+        self._log = open(log_file, "a", buffering=1)
+        self._servers: dict[str, tuple[ThreadingHTTPServer, threading.Thread]] = {}
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "bytes": 0, "cache_hits": 0, "denied": 0, "errors": 0}
+
+    def log(self, msg: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def listen(self, netns: str, addr: tuple[str, int] = PROXY_ADDR) -> None:
+        with self._lock:
+            if netns in self._servers:
+                return
+        sock = socket_in_netns(netns, addr)
+        proxy = self
+
+        class Handler(_ProxyHandler):
+            pass
+
+        Handler.proxy = proxy
+        server = ThreadingHTTPServer(addr, Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        server.daemon_threads = True
+        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
+                             name=f"mirror-proxy-{netns}", daemon=True)
+        t.start()
+        with self._lock:
+            self._servers[netns] = (server, t)
+        self.log(f"listening in {netns} on {addr[0]}:{addr[1]} for {sorted(self.allowed)}")
+
+    def unlisten(self, netns: str) -> None:
+        with self._lock:
+            entry = self._servers.pop(netns, None)
+        if entry:
+            server, t = entry
+            server.shutdown()  # returns once serve_forever's poll loop has seen it (<= poll_interval)
+            server.server_close()
+            t.join(5)
+
+    def close(self) -> None:
+        for netns in list(self._servers):
+            self.unlisten(netns)
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    proxy: MirrorProxy
+    protocol_version = "HTTP/1.1"
+    server_version = "hcloud-ha-web-lab-mirror-proxy"
+    timeout = 120  # idle client connections are closed
+
+    _upstream: Optional[http.client.HTTPConnection] = None
+    _upstream_host: str = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        self.proxy.log(format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._forward(head=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._forward(head=True)
+
+    def _deny(self, code: int, why: str) -> None:
+        self.proxy.count("denied")
+        self.send_error(code, why)
+
+    def _connection(self, netloc: str) -> http.client.HTTPConnection:
+        if self._upstream is None or self._upstream_host != netloc:
+            if self._upstream is not None:
+                self._upstream.close()
+            self._upstream = http.client.HTTPConnection(netloc, timeout=self.proxy.upstream_timeout)
+            self._upstream_host = netloc
+        return self._upstream
+
+    def _forward(self, head: bool) -> None:
+        p = self.proxy
+        p.count("requests")
+        url = urllib.parse.urlsplit(self.path)
+        netloc = url.netloc.lower()
+        if netloc.endswith(":80"):
+            netloc = netloc[:-3]
+        if url.scheme != "http" or netloc not in p.allowed:
+            self._deny(403, f"the lab lets hosts reach the Debian mirror only, not {self.path[:200]}")
+            return
+        target = url.path + (f"?{url.query}" if url.query else "")
+        cache_file = None
+        if (p.cache_dir is not None and not head and "Range" not in self.headers
+                and ".." not in url.path and _CACHEABLE.match(url.path)):
+            cache_file = p.cache_dir / netloc / url.path.lstrip("/")
+            if cache_file.is_file():
+                self._serve_file(cache_file)
+                return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
+        headers["Host"] = netloc
+        resp = None
+        for attempt in range(2):  # one retry on a stale keep-alive upstream connection
+            conn = self._connection(netloc)
+            try:
+                conn.request("HEAD" if head else "GET", target, headers=headers)
+                resp = conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine) as exc:
+                conn.close()
+                self._upstream = None
+                if attempt == 1:
+                    p.count("errors")
+                    self.send_error(502, f"mirror: {exc}")
+                    return
+            except OSError as exc:
+                conn.close()
+                self._upstream = None
+                p.count("errors")
+                self.send_error(502, f"mirror: {exc}")
+                return
+        assert resp is not None
+        try:
+            self._relay(resp, head, cache_file)
+        finally:
+            if resp.will_close and self._upstream is not None:
+                self._upstream.close()
+                self._upstream = None
+
+    def _relay(self, resp: http.client.HTTPResponse, head: bool, cache_file: Optional[Path]) -> None:
+        p = self.proxy
+        length = resp.getheader("Content-Length")
+        chunked = "chunked" in (resp.getheader("Transfer-Encoding") or "").lower()
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP:
+                self.send_header(k, v)
+        if head or resp.status in (204, 304) or 100 <= resp.status < 200:
+            if length is not None:
+                self.send_header("Content-Length", length)
+            self.end_headers()
+            resp.read()
+            return
+        if length is None or chunked:
+            body = resp.read()
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            p.count("bytes", len(body))
+            return
+        total = int(length)
+        self.send_header("Content-Length", str(total))
+        self.end_headers()
+        tmp = None
+        out = None
+        if cache_file is not None and resp.status == 200:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{threading.get_ident()}.part")
+            out = open(tmp, "wb")
+        done = 0
+        try:
+            while done < total:
+                chunk = resp.read(min(1 << 16, total - done))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                if out:
+                    out.write(chunk)
+                done += len(chunk)
+        finally:
+            p.count("bytes", done)
+            if out:
+                out.close()
+                if done == total:
+                    os.replace(tmp, cache_file)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        if done != total:
+            self.close_connection = True
+
+    def _serve_file(self, path: Path) -> None:
+        p = self.proxy
+        p.count("cache_hits")
+        size = path.stat().st_size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, self.wfile, 1 << 16)
+        p.count("bytes", size)
+
+
+# --------------------------------------------------------------------------- cgroups
+
+
+def _self_cgroups() -> dict[str, str]:
+    """``{hierarchy directory under /sys/fs/cgroup: this process's path in it}``."""
+    out: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and controllers == "":
+            name = "unified" if (CGROUP_ROOT / "unified").is_dir() else ""
+        else:
+            name = controllers.replace("name=", "")
+            if not (CGROUP_ROOT / name).is_dir():
+                # co-mounted controllers such as "cpu,cpuacct" may be mounted under either name
+                alt = [n for n in controllers.split(",") if (CGROUP_ROOT / n).is_dir()]
+                if not alt:
+                    continue
+                name = alt[0]
+        out[name] = path
+    return out
+
+
+def _cgroup_mountpoint(name: str) -> Path:
+    return CGROUP_ROOT / name if name else CGROUP_ROOT
+
+
+class _CgroupSet:
+    """One directory per hierarchy for one host (legacy mode only)."""
+
+    def __init__(self, leaf: str) -> None:
+        self.leaf = leaf
+        self.dirs: list[Path] = []
+        for name, path in sorted(_self_cgroups().items()):
+            base = _cgroup_mountpoint(name) / path.lstrip("/")
+            self.dirs.append(base / leaf)
+
+    def create(self) -> list[Path]:
+        """Create the directories; return the ``cgroup.procs`` files to join."""
+        procs = []
+        for d in self.dirs:
+            d.mkdir(exist_ok=True)
+            if (d / "cpuset.cpus").exists():
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not (d / f).read_text().strip():
+                        (d / f).write_text((d.parent / f).read_text())
+            procs.append(d / "cgroup.procs")
+        return procs
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for d in self.dirs:
+            if not d.is_dir():
+                continue
+            for sub, _dirs, files in os.walk(d):
+                if "cgroup.procs" in files:
+                    with contextlib.suppress(OSError, ValueError):
+                        found.update(int(x) for x in Path(sub, "cgroup.procs").read_text().split())
+        return found
+
+    def memory_dir(self) -> Optional[Path]:
+        for d in self.dirs:
+            if str(d).startswith(f"{CGROUP_ROOT}/memory/") and d.is_dir():
+                return d
+        return None
+
+    def remove(self, timeout: float = 10.0) -> list[str]:
+        """rmdir every directory bottom-up; returns what could not be removed."""
+        left = []
+        deadline = time.monotonic() + timeout
+        for d in self.dirs:
+            if not d.is_dir():
+                continue
+            subdirs = sorted((Path(s) for s, _, _ in os.walk(d)), key=lambda p: len(p.parts), reverse=True)
+            for s in subdirs:
+                while True:
+                    try:
+                        s.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError as exc:
+                        if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                            left.append(f"{s}: {exc.strerror}")
+                            break
+                        time.sleep(0.1)
+        return left
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # zombies count as gone
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                out.extend(int(x) for x in (t / "children").read_text().split())
+    return out
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / step) + 2):
+        if cond():
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(step)
+    return cond()
+
+
+def _rss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+@dataclasses.dataclass
+class BootTiming:
+    launched: float = 0.0  #: monotonic time nspawn was started
+    ssh_ready: float = 0.0  #: seconds from launch until sshd answered
+    system_ready: float = 0.0  #: seconds from launch until is-system-running was running/degraded
+    state: str = ""  #: what is-system-running said
+
+
+class CloudHost:
+    """One Debian host: a booted systemd-nspawn container in a given network namespace.
+
+    Created by :meth:`CloudLab.host`; ``start``/``stop``/``reboot`` may be
+    called repeatedly.  The root file system (an overlay on the suite's image,
+    or a full copy) lives as long as the host object, so a reboot keeps every
+    change made by provisioning.
+    """
+
+    def __init__(self, lab: "CloudLab", name: str, netns: str, suite: str, hostname: str) -> None:
+        self.lab = lab
+        self.name = name
+        self.netns = netns
+        self.suite = suite
+        self.hostname = hostname
+        self.machine = f"{lab.prefix}-{name}"
+        self.dir = lab.workdir / "hosts" / name
+        self.root = self.dir / "root"
+        self.console_log = self.dir / "console.log"
+        self.known_hosts = self.dir / "known_hosts"
+        self.overlay = False
+        self.timing = BootTiming()
+        self.boots = 0
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+        self._leader: Optional[int] = None
+        self._cgroups: Optional[_CgroupSet] = None
+        self._mem_peak_seen = 0
+        self._prepared = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<CloudHost {self.name} debian-{self.suite} netns={self.netns} {state}>"
+
+    # ---- preparation
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        lower = self.lab._lower(self.suite)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(exist_ok=True)
+        if self.lab.use_overlay:
+            upper, work = self.dir / "upper", self.dir / "work"
+            upper.mkdir(exist_ok=True)
+            work.mkdir(exist_ok=True)
+            r = subprocess.run(
+                ["mount", "-t", "overlay", "overlay", "-o",
+                 f"lowerdir={lower},upperdir={upper},workdir={work}", str(self.root)],
+                capture_output=True, text=True, timeout=30,
+            )
+            if r.returncode == 0:
+                self.overlay = True
+            else:
+                self.lab.log(f"{self.name}: overlay mount failed ({r.stderr.strip()}); using a full copy")
+                self.lab.use_overlay = False
+        if not self.overlay:
+            extract(self.lab.images[self.suite].tarball, self.root)
+        self._personalize()
+        self._prepared = True
+
+    def _personalize(self) -> None:
+        r = self.root
+        (r / "etc/hostname").write_text(self.hostname + "\n")
+        hosts = (r / "etc/hosts").read_text() if (r / "etc/hosts").exists() else ""
+        hosts = "\n".join(ln for ln in hosts.splitlines() if not ln.startswith("127.0.1.1"))
+        (r / "etc/hosts").write_text(
+            (hosts.strip() or "127.0.0.1\tlocalhost") + f"\n127.0.1.1\t{self.hostname}\n")
+        (r / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+        resolv = r / "etc/resolv.conf"
+        if resolv.is_symlink():
+            resolv.unlink()
+        resolv.write_text("# hcloud-ha-web lab host: no DNS here; apt reaches the Debian mirror\n"
+                          f"# through the lab's proxy at {PROXY_ADDR[0]}:{PROXY_ADDR[1]}\n")
+        (r / "etc/apt/apt.conf.d/00hcloud-ha-web-lab-proxy").write_text(
+            f'Acquire::http::Proxy "http://{PROXY_ADDR[0]}:{PROXY_ADDR[1]}/";\n')
+        ssh_dir = r / "root/.ssh"
+        ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(ssh_dir, 0o700)
+        auth = ssh_dir / "authorized_keys"
+        auth.write_text(self.lab.public_key + "\n")
+        os.chmod(auth, 0o600)
+        # Own SSH host keys, known to us in advance: strict host key checking.
+        for kind in ("ed25519", "ecdsa", "rsa"):
+            key = r / f"etc/ssh/ssh_host_{kind}_key"
+            if not key.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{self.hostname}",
+                                "-f", str(key)], check=True, timeout=60, capture_output=True)
+        pub = (r / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"{self.machine} {pub[0]} {pub[1]}\n")
+
+    # ---- lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def leader_pid(self) -> Optional[int]:
+        """PID (in our PID namespace) of the container's systemd."""
+        return self._leader
+
+    def start(self, wait: bool = True, timeout: float = BOOT_TIMEOUT) -> BootTiming:
+        """Launch the container; with ``wait`` also :meth:`wait_ready`."""
+        if self.running:
+            raise CloudError(f"{self.name} is already running")
+        self._prepare()
+        self.lab.proxy.listen(self.netns)
+        self._cleanup_nspawn_leftovers()
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network", SYSTEMD_LOG_COLOR="0")
+        if (CGROUP_ROOT / "unified").is_dir():  # hybrid host: give the container a pure cgroup v2
+            env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
+        nspawn = [
+            _which("systemd-nspawn") or "systemd-nspawn",
+            "--quiet", "--boot",
+            f"--directory={self.root}",
+            f"--machine={self.machine}",
+            f"--hostname={self.hostname}",
+            f"--network-namespace-path={NETNS_DIR / self.netns}",
+            "--capability=CAP_NET_ADMIN",
+            "--resolv-conf=off",
+            "--timezone=off",
+            "--link-journal=no",
+            "--console=read-only",
+        ]
+        if self.lab.nspawn_features.get("suppress-sync"):
+            nspawn.append("--suppress-sync=yes")  # dpkg's fsyncs are the slowest part of apt in a lab
+        if self.lab.mode == "legacy":
+            nspawn += ["--register=no", "--keep-unit"]
+            self._cgroups = _CgroupSet(self.machine)
+            procs = self._cgroups.create()
+            argv = ["/bin/sh", "-c",
+                    'while [ "$1" != -- ]; do echo $$ > "$1" || exit 97; shift; done; shift; exec "$@"',
+                    "sh", *map(str, procs), "--", *nspawn]
+        else:
+            argv = nspawn
+        self.timing = BootTiming(launched=time.monotonic())
+        self.boots += 1
+        with open(self.console_log, "ab") as out:
+            out.write(f"\n==== boot {self.boots}: {' '.join(argv[-len(nspawn):])}\n".encode())
+            out.flush()
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True, close_fds=True)
+        self.lab.log(f"{self.name}: launched nspawn pid {self._proc.pid} (debian {self.suite}, netns {self.netns})")
+        if wait:
+            self.wait_ready(timeout)
+        return self.timing
+
+    def _find_leader(self, timeout: float) -> int:
+        assert self._proc is not None
+        box: list[int] = []
+
+        def found() -> bool:
+            if self._proc is None or self._proc.poll() is not None:
+                return True
+            # nspawn -> outer child (exits) -> container init, the child in a new PID namespace
+            for k in _children(self._proc.pid):
+                try:
+                    if os.readlink(f"/proc/{k}/ns/pid") != os.readlink(f"/proc/{self._proc.pid}/ns/pid"):
+                        box.append(k)
+                        return True
+                except OSError:
+                    continue
+            return False
+
+        _wait_until(found, timeout, 0.05)
+        if not box:
+            raise CloudError(f"{self.name}: container init did not appear\n{self.console_tail()}")
+        return box[0]
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> BootTiming:
+        """Bounded wait: sshd answers and ``systemctl is-system-running`` is running/degraded."""
+        if self._proc is None:
+            raise CloudError(f"{self.name} was not started")
+        deadline = self.timing.launched + timeout
+        if self._leader is None or not _pid_alive(self._leader):
+            self._leader = self._find_leader(min(30.0, timeout))
+        last = ""
+        for _attempt in range(int(timeout / 0.3) + 2):
+            if not self.running:
+                raise CloudError(f"{self.name}: systemd-nspawn exited with {self._proc.returncode}\n"
+                                 f"{self.console_tail()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            r = self.ssh("systemctl is-system-running", timeout=min(15.0, max(left, 1.0)), check=False,
+                         connect_timeout=3)
+            if r.returncode != 255:  # ssh itself worked
+                if not self.timing.ssh_ready:
+                    self.timing.ssh_ready = time.monotonic() - self.timing.launched
+                state = r.stdout.strip()
+                last = state
+                if state in ("running", "degraded"):
+                    self.timing.system_ready = time.monotonic() - self.timing.launched
+                    self.timing.state = state
+                    self.lab.log(f"{self.name}: {state} after {self.timing.system_ready:.1f}s "
+                                 f"(ssh after {self.timing.ssh_ready:.1f}s)")
+                    return self.timing
+                if state in ("maintenance", "stopping"):
+                    break
+            else:
+                lines = r.stderr.strip().splitlines()
+                last = lines[-1] if lines else "ssh failed"
+            time.sleep(0.3)
+        raise CloudError(f"{self.name}: not ready within {timeout:.0f}s (last: {last!r})\n{self.console_tail()}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Orderly poweroff (SIGTERM to nspawn = SIGRTMIN+3 to the container's systemd),
+        then SIGKILL after ``timeout``; removes the host's cgroups and nspawn's runtime dirs.
+        The root file system stays (see :meth:`destroy`)."""
+        proc = self._proc
+        if proc is not None:
+            self._sample_memory()
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.lab.log(f"{self.name}: no orderly shutdown within {timeout:.0f}s, killing")
+                    if self._leader and _pid_alive(self._leader):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self._leader, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(10)
+            self._proc = None
+        if self._leader and _pid_alive(self._leader):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._leader, signal.SIGKILL)
+            _wait_until(lambda: not _pid_alive(self._leader or 0), 10)
+        self._leader = None
+        if self._cgroups is not None:
+            for _ in range(3):
+                pids = self._cgroups.pids()
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                _wait_until(lambda: not self._cgroups.pids(), 5)  # type: ignore[union-attr]
+            left = self._cgroups.remove()
+            if left:
+                self.lab.log(f"{self.name}: cgroups left: {left}")
+            self._cgroups = None
+        self._cleanup_nspawn_leftovers()
+
+    def reboot(self, timeout: float = BOOT_TIMEOUT) -> BootTiming:
+        """Relaunch the container (same root file system, same network namespace)."""
+        self.stop()
+        return self.start(wait=True, timeout=timeout)
+
+    def destroy(self) -> None:
+        """Stop, stop serving the proxy in its netns, unmount and delete the root file system."""
+        self.stop()
+        self.lab.proxy.unlisten(self.netns)
+        if self.overlay or os.path.ismount(self.root):
+            for _ in range(5):
+                r = subprocess.run(["umount", str(self.root)], capture_output=True, text=True, timeout=30)
+                if r.returncode == 0 or not os.path.ismount(self.root):
+                    break
+                time.sleep(0.5)
+            else:
+                subprocess.run(["umount", "-l", str(self.root)], capture_output=True, timeout=30)
+            self.overlay = False
+        if os.path.ismount(self.root):
+            raise CloudError(f"{self.name}: {self.root} is still mounted; not deleting")
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(self.dir)], timeout=300, check=False)
+        self._prepared = False
+
+    def _cleanup_nspawn_leftovers(self) -> None:
+        # On this machine /run is not a tmpfs, and nspawn refuses to rm -rf its own
+        # propagation directory there ("Attempted to remove disk file system").
+        for d in NSPAWN_RUN_DIRS:
+            p = d / self.machine
+            if p.exists() and not os.path.ismount(p):
+                subprocess.run(["rm", "-rf", "--one-file-system", "--", str(p)], timeout=30, check=False)
+
+    # ---- using the host
+
+    def ssh_argv(self, command: Optional[str] = None, *, connect_timeout: float = 5, address: str = "127.0.0.1") -> list[str]:
+        """argv that runs ``command`` on the host as root over SSH (from inside its netns)."""
+        argv = [
+            "nsenter", f"--net={NETNS_DIR / self.netns}", "--",
+            "ssh", "-F", "/dev/null", "-i", str(self.lab.key_path),
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", f"HostKeyAlias={self.machine}", "-o", f"ConnectTimeout={int(connect_timeout)}",
+            "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
+            "-o", "LogLevel=ERROR", "--", f"root@{address}",
+        ]
+        if command is not None:
+            argv.append(command)
+        return argv
+
+    def ssh(self, cmd: str, stdin: Optional[str | bytes] = None, timeout: float = SSH_TIMEOUT,
+            check: bool = True, connect_timeout: float = 5) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` (a shell command line) on the host as root; text output.
+
+        ``stdin`` (str or bytes) is fed to the command; ``check`` raises
+        :class:`CloudError` with the output on a non-zero exit status.
+        """
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        try:
+            r = subprocess.run(self.ssh_argv(cmd, connect_timeout=connect_timeout),
+                               input=data if data is not None else b"",
+                               capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise CloudError(f"{self.name}: ssh {cmd!r} timed out after {timeout:.0f}s") from exc
+        res = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                          r.stderr.decode(errors="replace"))
+        if check and res.returncode != 0:
+            raise CloudError(f"{self.name}: ssh {cmd!r} failed (exit {res.returncode})\n"
+                             f"stdout: {res.stdout[-3000:]}\nstderr: {res.stderr[-3000:]}")
+        return res
+
+    def console_tail(self, n: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def pids(self) -> list[int]:
+        """PIDs (in our namespace) of every process of the container (its PID namespace)."""
+        if not self._leader:
+            return []
+        try:
+            target = os.readlink(f"/proc/{self._leader}/ns/pid")
+        except OSError:
+            return []
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(d / "ns/pid") == target:
+                        out.append(int(d.name))
+        return out
+
+    def _sample_memory(self) -> None:
+        with contextlib.suppress(Exception):
+            m = self.memory()
+            self._mem_peak_seen = max(self._mem_peak_seen, m.get("cgroup_peak_bytes") or 0)
+
+    def memory_peak_bytes(self) -> int:
+        """Highest cgroup peak seen over all boots of this host (0 if unknown)."""
+        self._sample_memory()
+        return self._mem_peak_seen
+
+    def memory(self) -> dict[str, Any]:
+        """Memory of the running host.
+
+        ``rss_sum_bytes``: sum of VmRSS of all its processes (shared pages counted
+        per process); ``cgroup_*``: the host's memory cgroup (legacy mode: the v1
+        memory controller, incl. page cache; systemd mode: cgroup v2 of the
+        container's scope): current usage, peak since boot, anon RSS.
+        """
+        pids = self.pids()
+        out: dict[str, Any] = {"processes": len(pids), "rss_sum_bytes": sum(_rss_kib(p) for p in pids) * 1024}
+        mdir = self._cgroups.memory_dir() if self._cgroups else None
+        if mdir is not None:
+            stat = dict(ln.split() for ln in (mdir / "memory.stat").read_text().splitlines())
+            out["cgroup_current_bytes"] = int((mdir / "memory.usage_in_bytes").read_text())
+            out["cgroup_peak_bytes"] = int((mdir / "memory.max_usage_in_bytes").read_text())
+            out["cgroup_anon_bytes"] = int(stat.get("total_rss", stat.get("rss", 0)))
+            out["cgroup_cache_bytes"] = int(stat.get("total_cache", stat.get("cache", 0)))
+        elif self._leader:
+            with contextlib.suppress(OSError, ValueError):
+                path = next(ln.split(":", 2)[2] for ln in Path(f"/proc/{self._leader}/cgroup").read_text().splitlines()
+                            if ln.startswith("0::"))
+                d = CGROUP_ROOT / path.lstrip("/")
+                # init sits in <machine scope>/[payload/]init.scope: go up to the machine's scope
+                for _ in range(len(d.parts)):
+                    if d == CGROUP_ROOT or (d.name.endswith(".scope") and d.name != "init.scope"):
+                        break
+                    d = d.parent
+                out["cgroup_current_bytes"] = int((d / "memory.current").read_text())
+                if (d / "memory.peak").exists():
+                    out["cgroup_peak_bytes"] = int((d / "memory.peak").read_text())
+                stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines())
+                out["cgroup_anon_bytes"] = int(stat.get("anon", 0))
+                out["cgroup_cache_bytes"] = int(stat.get("file", 0))
+        return out
+
+
+# --------------------------------------------------------------------------- lab
+
+_OPEN: list["CloudLab"] = []
+_OPEN_LOCK = threading.Lock()
+
+
+def _close_all_at_exit() -> None:
+    with _OPEN_LOCK:
+        labs = list(_OPEN)
+    for lab in reversed(labs):
+        try:
+            lab.close()
+        except Exception as exc:  # pragma: no cover - last resort
+            print(f"lab.cloud: teardown at exit of {lab.prefix} failed: {exc}", file=sys.stderr)
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _nspawn_features() -> dict[str, bool]:
+    try:
+        text = subprocess.run(["systemd-nspawn", "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        text = ""
+    return {"suppress-sync": "--suppress-sync" in text}
+
+
+class CloudLab:
+    """One run of the local cloud: prefix, SSH key pair, work dir, mirror proxy, hosts.
+
+    A context manager; :meth:`close` (also run on exceptions, SIGINT,
+    SIGTERM/SIGHUP in the main thread, and at interpreter exit) stops every
+    host, unmounts and deletes every root file system, removes every cgroup
+    and the work directory.  The cached rootfs tarballs stay.
+    """
+
+    def __init__(self, *, prefix: Optional[str] = None, cache_dir: Path | str = DEFAULT_CACHE_DIR,
+                 mirror: Optional[Mirror] = None, apt_cache: Optional[bool] = None,
+                 log: Optional[Log] = None, handle_signals: bool = True) -> None:
+        self.prefix = prefix or new_prefix()
+        if not PREFIX_RE.match(self.prefix):
+            raise ValueError(f"prefix must match {PREFIX_RE.pattern}: {self.prefix!r}")
+        self.cache_dir = Path(cache_dir)
+        self.mirror = mirror or apt_mirror()
+        self.mode = detect_mode()
+        self.nspawn_features = _nspawn_features()
+        self.workdir = WORK_ROOT / self.prefix
+        self._log = log or (lambda msg: print(f"[cloud {self.prefix}] {msg}", file=sys.stderr, flush=True))
+        self.hosts: dict[str, CloudHost] = {}
+        self.images: dict[str, Any] = {}
+        self.use_overlay = "overlay" in Path("/proc/filesystems").read_text()
+        self._lowers: dict[str, Path] = {}
+        self._lower_locks = {s: threading.Lock() for s in ("bookworm", "trixie")}
+        self._closed = False
+        self._prev_handlers: dict[int, Any] = {}
+        self.workdir.mkdir(parents=True, exist_ok=False)
+        with _OPEN_LOCK:
+            _OPEN.append(self)
+        try:
+            if handle_signals:
+                self._install_signal_handlers()
+            self.key_path = self.workdir / "id_ed25519"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hcloud-ha-web-lab-{self.prefix}",
+                            "-f", str(self.key_path)], check=True, timeout=30, capture_output=True)
+            self.public_key = self.key_path.with_suffix(".pub").read_text().strip()
+            if apt_cache is None:
+                apt_cache = os.environ.get("HCLOUD_HA_WEB_APT_CACHE", "1") != "0"
+            proxy_cache = self.cache_dir / "apt-proxy" if apt_cache else None
+            self.proxy = MirrorProxy(self.mirror, proxy_cache, self.workdir / "mirror-proxy.log")
+            self.log(f"mode={self.mode} workdir={self.workdir} mirror hosts={list(self.mirror.hosts)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    def __enter__(self) -> "CloudLab":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- signals
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        raise CloudInterrupted(f"signal {signal.Signals(signum).name}: tearing down the local cloud")
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, prev in self._prev_handlers.items():
+            with contextlib.suppress(Exception):
+                signal.signal(sig, prev)
+        self._prev_handlers.clear()
+
+    # ---- images and hosts
+
+    def image(self, suite: str):  # -> RootfsImage
+        """The cached rootfs tarball of ``suite`` (built on first use)."""
+        suite = suite_of(suite)
+        if suite not in self.images:
+            self.images[suite] = ensure_rootfs(suite, cache_dir=self.cache_dir, mirror=self.mirror, log=self.log)
+        return self.images[suite]
+
+    def _lower(self, suite: str) -> Path:
+        with self._lower_locks[suite]:
+            if suite not in self._lowers:
+                img = self.image(suite)
+                lower = self.workdir / f"lower-{suite}"
+                t0 = time.monotonic()
+                extract(img.tarball, lower)
+                self.log(f"extracted {img.tarball.name} in {time.monotonic() - t0:.1f}s")
+                self._lowers[suite] = lower
+            return self._lowers[suite]
+
+    def host(self, name: str, netns: str, suite: str = "trixie", *, hostname: Optional[str] = None) -> CloudHost:
+        """Declare a host ``name`` (``debian-13``/``trixie`` or ``debian-12``/``bookworm``)
+        that will boot inside the existing network namespace ``netns``.  Not started yet."""
+        if self._closed:
+            raise CloudError("lab is closed")
+        if not re.match(r"^[a-z][a-z0-9-]{0,30}$", name):
+            raise ValueError(f"host name must be a short lowercase DNS label: {name!r}")
+        if name in self.hosts:
+            raise ValueError(f"host {name!r} already exists")
+        if any(h.netns == netns for h in self.hosts.values()):
+            raise ValueError(f"network namespace {netns!r} already has a host")
+        if not (NETNS_DIR / netns).exists():
+            raise CloudError(f"network namespace {netns!r} does not exist")
+        h = CloudHost(self, name, netns, suite_of(suite), hostname or name)
+        self.hosts[name] = h
+        return h
+
+    def boot(self, *hosts: CloudHost, timeout: float = BOOT_TIMEOUT) -> dict[str, BootTiming]:
+        """Start several hosts in parallel and wait (bounded) until all are ready."""
+        hosts = hosts or tuple(self.hosts.values())
+        # prepare (extract, overlay mount, keys) in parallel, launch all, then wait for all
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+            list(pool.map(lambda h: h._prepare(), hosts))
+        for h in hosts:
+            h.start(wait=False)
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+            return dict(zip((h.name for h in hosts), pool.map(lambda h: h.wait_ready(timeout), hosts)))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        errors = []
+        hosts = list(getattr(self, "hosts", {}).values())
+        if hosts:
+            with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+                for h, fut in [(h, pool.submit(h.destroy)) for h in hosts]:
+                    try:
+                        fut.result(timeout=STOP_TIMEOUT + 120)
+                    except Exception as exc:  # keep tearing down the rest
+                        errors.append(f"{h.name}: {exc}")
+        if getattr(self, "proxy", None) is not None:
+            self.proxy.close()
+        left = [m for m in _mounts() if m.startswith(str(self.workdir) + "/")]
+        if left:
+            errors.append(f"mounts left: {left}")
+        else:
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(self.workdir)], timeout=300, check=False)
+        with _OPEN_LOCK:
+            if self in _OPEN:
+                _OPEN.remove(self)
+        self._restore_signal_handlers()
+        if errors:
+            raise CloudError("teardown incomplete: " + "; ".join(errors))
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def _mounts() -> list[str]:
+    out = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            out.append(line.split()[4].encode().decode("unicode_escape"))
+    return out
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Everything a run with ``prefix`` could have left behind (empty list = clean)."""
+    if not PREFIX_RE.match(prefix):
+        raise ValueError(f"not a lab.cloud prefix: {prefix!r}")
+    found: list[str] = []
+    work = WORK_ROOT / prefix
+    if work.exists():
+        found.append(f"dir {work}")
+    found += [f"mount {m}" for m in _mounts() if m.startswith(str(work) + "/") or m == str(work)]
+    for name, path in _self_cgroups().items():
+        for base in {_cgroup_mountpoint(name), _cgroup_mountpoint(name) / path.lstrip("/")}:
+            found += [f"cgroup {d}" for d in base.glob(f"{prefix}-*")]
+    for d in NSPAWN_RUN_DIRS:
+        found += [f"nspawn dir {p}" for p in d.glob(f"{prefix}-*")]
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if f"--machine={prefix}-" in cmd or f"{WORK_ROOT}/{prefix}/" in cmd:
+                found.append(f"process {p.name}: {cmd[:120]}")
+    with contextlib.suppress(OSError):
+        for m in Path("/var/lib/machines").glob(f"{prefix}-*"):
+            found.append(f"machine {m}")
+    return found
+
+
+def list_prefixes() -> list[str]:
+    with contextlib.suppress(OSError):
+        return sorted(p.name for p in WORK_ROOT.iterdir() if PREFIX_RE.match(p.name))
+    return []
+
+
+def cleanup_prefix(prefix: str, timeout: float = 60.0) -> list[str]:
+    """Best-effort removal of what a crashed run left (processes by PID, mounts, cgroups, dirs).
+    Returns what is still left."""
+    if not PREFIX_RE.match(prefix):
+        raise ValueError(f"not a lab.cloud prefix: {prefix!r}")
+    work = WORK_ROOT / prefix
+    # nspawn supervisors of this prefix: SIGTERM (orderly), then SIGKILL them and their containers
+    sup = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+                if any(a.decode(errors="replace").startswith(f"--machine={prefix}-") for a in cmd):
+                    sup.append(int(p.name))
+    kids = {pid: _children(pid) for pid in sup}
+    for pid in sup:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    _wait_until(lambda: not any(_pid_alive(p) for p in sup), min(timeout, STOP_TIMEOUT))
+    for pid in sup + [k for ks in kids.values() for k in ks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for name, path in _self_cgroups().items():
+        for base in {_cgroup_mountpoint(name), _cgroup_mountpoint(name) / path.lstrip("/")}:
+            for d in base.glob(f"{prefix}-*"):
+                cg = _CgroupSet.__new__(_CgroupSet)
+                cg.leaf, cg.dirs = d.name, [d]
+                for pid in cg.pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                _wait_until(lambda: not cg.pids(), 5)
+                cg.remove()
+    for m in sorted((m for m in _mounts() if m.startswith(str(work) + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], capture_output=True, timeout=30)
+    for d in NSPAWN_RUN_DIRS:
+        for p in d.glob(f"{prefix}-*"):
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(p)], timeout=30, check=False)
+    if work.exists() and not any(m.startswith(str(work) + "/") for m in _mounts()):
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(work)], timeout=300, check=False)
+    return leftovers(prefix)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.cloud.nspawn", description=__doc__.split("\n")[0])
+    ap.add_argument("--list", action="store_true", help="list prefixes with leftovers")
+    ap.add_argument("--cleanup", metavar="PREFIX", help="remove what run PREFIX left behind")
+    args = ap.parse_args(argv)
+    if args.cleanup:
+        left = cleanup_prefix(args.cleanup)
+        print("\n".join(left) if left else f"{args.cleanup}: clean")
+        return 1 if left else 0
+    for p in list_prefixes():
+        print(p, json.dumps(leftovers(p)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
