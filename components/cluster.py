@@ -279,6 +279,7 @@ class HaWebCluster(pulumi.ComponentResource):
         # before keepalived starts).
         self.provisioned: Mapping[str, Sequence[pulumi.Resource]] = provision_cluster(
             parent=self,
+            name=name,
             stack=stack,
             servers=self.servers,
             floating_ip=self.floating_ip_resource,

@@ -171,6 +171,7 @@ def _pick(host: str, index: int) -> Callable[[Mapping[str, tuple[StepPlan, ...]]
 def provision_cluster(
     *,
     parent: pulumi.Resource,
+    name: str,
     stack: StackConfig,
     servers: Mapping[str, hcloud.Server],
     floating_ip: hcloud.FloatingIp,
@@ -181,12 +182,13 @@ def provision_cluster(
     """Create the remote steps of every server; returns them per server, in order.
 
     Steps on different hosts run in parallel, except that lb2 reloads a daemon only
-    after lb1 has, so the two LBs never reload at the same moment.
+    after lb1 has, so the two LBs never reload at the same moment. Steps are named
+    f"{name}-{host}-{step}", next to the component's servers.
     """
     settings = stack.settings
-    names = [*settings.lb_names, *settings.web_names]
-    server_ids = pulumi.Output.all(*[servers[n].id for n in names]).apply(
-        lambda ids: {n: int(i) for n, i in zip(names, ids, strict=True)}
+    hosts = [*settings.lb_names, *settings.web_names]
+    server_ids = pulumi.Output.all(*[servers[h].id for h in hosts]).apply(
+        lambda ids: {h: int(i) for h, i in zip(hosts, ids, strict=True)}
     )
     plans: pulumi.Output[dict[str, tuple[StepPlan, ...]]] = pulumi.Output.all(
         floating_ip.ip_address,
@@ -197,22 +199,22 @@ def provision_cluster(
         stack.secrets.failover_token,
     ).apply(
         lambda v: {
-            name: plan_host(
+            h: plan_host(
                 settings,
                 ClusterFacts(floating_ip=v[0], floating_ip_id=int(v[1]), server_ids=v[2]),
                 RenderSecrets(stats_password=v[3], vrrp_password=v[4], failover_token=v[5]),
-                name,
+                h,
             )
-            for name in names
+            for h in hosts
         }
     )
 
     steps: dict[str, list[pulumi.Resource]] = {}
     previous_lb_step: dict[str, pulumi.Resource] = {}
-    for name in names:
-        role: Role = "lb" if name in settings.lb_names else "web"
+    for host in hosts:
+        role: Role = "lb" if host in settings.lb_names else "web"
         connection = remote.ConnectionArgs(
-            host=servers[name].ipv4_address,
+            host=servers[host].ipv4_address,
             user="root",
             private_key=stack.secrets.ssh_private_key,
             dial_error_limit=30,  # a new server needs a while before sshd answers
@@ -220,21 +222,21 @@ def provision_cluster(
         )
         script = base_script(role, settings)
         base = remote.Command(
-            f"{name}-base",
+            f"{name}-{host}-base",
             connection=connection,
             create=script,
             triggers=[hashlib.sha256(script.encode()).hexdigest()],
             add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(depends_on)),
+            opts=pulumi.ResourceOptions(parent=parent, depends_on=[servers[host], *depends_on]),
         )
-        steps[name] = [base]
+        steps[host] = [base]
         for index, daemon in enumerate(daemons_for(role)):
-            plan = plans.apply(_pick(name, index))
-            after: list[pulumi.Resource] = [steps[name][-1]]
+            plan = plans.apply(_pick(host, index))
+            after: list[pulumi.Resource] = [steps[host][-1]]
             if role == "lb" and daemon.name in previous_lb_step:
                 after.append(previous_lb_step[daemon.name])
             step = remote.Command(
-                f"{name}-{daemon.name}",
+                f"{name}-{host}-{daemon.name}",
                 connection=connection,
                 create=step_script(daemon, file_targets(settings, daemon)),
                 stdin=_secret_stdin(plan),
@@ -244,5 +246,5 @@ def provision_cluster(
             )
             if role == "lb":
                 previous_lb_step[daemon.name] = step
-            steps[name].append(step)
+            steps[host].append(step)
     return steps

@@ -8,13 +8,14 @@ dependencies and ignoreChanges. Tests assert on those, not on the program's own 
 from __future__ import annotations
 
 import base64
+import gzip
 import itertools
 import runpy
 import string
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,12 +118,16 @@ class Mocks(pulumi.runtime.Mocks):
     def __init__(self) -> None:
         self._ids = itertools.count(1001)
         self._hosts = itertools.count(10)
+        # Same logical name, same id and address: a program run twice sees equal facts.
+        self._by_name: dict[tuple[str, str], tuple[str, int]] = {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
         outputs = dict(args.inputs)
-        rid = str(next(self._ids))
+        key = (args.typ, args.name)
+        if key not in self._by_name:
+            self._by_name[key] = (str(next(self._ids)), next(self._hosts))
+        rid, host = self._by_name[key]
         if args.typ == "hcloud:index/server:Server":
-            host = next(self._hosts)
             outputs["ipv4Address"] = f"203.0.113.{host}"
             outputs["ipv6Address"] = f"2001:db8:{host:x}::1"
             outputs["status"] = "running"
@@ -161,6 +166,7 @@ class Registration:
     inputs: dict[str, Any]  # deserialized (secrets unwrapped)
     wire: dict[str, Any]  # serialized, secret values still wrapped
     id: str = ""
+    state: dict[str, Any] = field(default_factory=dict)  # what the mocked provider returned
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -174,7 +180,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         self.registrations = []
         self.outputs = {}
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (gRPC name)
+    def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             self.registrations.append(
@@ -189,11 +195,12 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                     inputs=rpc.deserialize_properties(request.object),
                     wire=json_format.MessageToDict(request.object),
                     id=response.id,
+                    state=rpc.deserialize_properties(response.object),
                 )
             )
         return response
 
-    def RegisterResourceOutputs(self, request: Any) -> Any:  # noqa: N802 (gRPC name)
+    def RegisterResourceOutputs(self, request: Any) -> Any:
         self.outputs[request.urn] = json_format.MessageToDict(request.outputs)
         return super().RegisterResourceOutputs(request)
 
@@ -256,7 +263,8 @@ def is_secret(output: Any) -> bool:
 
 
 def find_plaintext(wire: Any, needle: str, path: str = "") -> list[str]:
-    """Paths in a serialized property struct where `needle` appears outside a secret."""
+    """Paths in a serialized property struct where `needle` appears outside a secret,
+    as it is or inside a base64 (optionally gzip) blob such as a file payload."""
     if isinstance(wire, dict):
         if wire.get(SECRET_SIG) == SECRET_MARK:
             return []
@@ -269,6 +277,22 @@ def find_plaintext(wire: Any, needle: str, path: str = "") -> list[str]:
         for i, value in enumerate(wire):
             hits += find_plaintext(value, needle, f"{path}[{i}]")
         return hits
-    if isinstance(wire, str) and needle in wire:
+    if isinstance(wire, str) and (needle in wire or needle in _decoded(wire)):
         return [path or "."]
     return []
+
+
+def _decoded(text: str) -> str:
+    """`text` as base64 (gzip inside, e.g. a tar.gz payload on stdin) decoded, or ""."""
+    if len(text) < 16:
+        return ""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        return ""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except OSError:
+            return ""
+    return raw.decode("latin-1")
