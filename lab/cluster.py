@@ -1,0 +1,483 @@
+"""The whole HA cluster on a :class:`lab.topology.LabNetwork`, with the files the program renders.
+
+``LabCluster(lab).start()`` renders every host through ``components.render.render_host``
+(the same code Pulumi ships), writes the files under a per-host root below
+``/run/<prefix>-lab/<host>`` (root-owned 0755: keepalived's ``enable_script_security``
+refuses scripts below world-writable directories such as /tmp), validates them with
+each daemon's own checker (``validate_command``), starts the fake Hetzner API and then
+the daemons in the host namespaces, as children of this process tracked by PID:
+
+* web hosts: Apache (a copy of /etc/apache2 under the host root, the rendered site);
+* LBs: the interface facts script, the rendered sysctl, HAProxy (``-Ws``, so a
+  SIGUSR2 reloads it like ``systemctl reload``) and keepalived (foreground, own pid
+  files).
+
+Failures for the scenarios: :meth:`kill_haproxy` / :meth:`start_haproxy`,
+:meth:`kill_apache` / :meth:`start_apache`, :meth:`vanish` / :meth:`return_host`
+(all processes SIGKILLed and every link down, then back), :meth:`block_vrrp` /
+:meth:`unblock_vrrp` (split brain).  Every wait is bounded (:func:`wait_for`).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from components.config import Settings
+from components.render import (
+    ClusterFacts,
+    Layout,
+    RenderedFile,
+    RenderSecrets,
+    daemons_for,
+    interface_facts_script,
+    render_host,
+    validate_command,
+)
+from lab import topology as topo
+from lab.fake_hcloud import FakeApi, launch
+from lab.netns import Host, LabError
+from lab.topology import LabNetwork
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_BASE = Path("/run")
+#: The lab talks to the stats page with this user (Settings default).
+STATS_URL_PATH = "/haproxy?stats"
+
+
+def wait_for(
+    cond: Callable[[], T],
+    timeout: float,
+    what: str,
+    step: float = 0.05,
+) -> T:
+    """Poll ``cond`` until it returns something truthy; bounded in time and count."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    for _ in range(int(timeout / step) + 2):
+        try:
+            last = cond()
+        except (OSError, LabError) as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last  # type: ignore[no-any-return]
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(step)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def _lab_ssh_key() -> str:
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes(32)
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} lab@hcloud-ha-web"
+
+
+def lab_settings(web_count: int, api_url: str, **overrides: Any) -> Settings:
+    """Settings matching the lab topology (addresses, API endpoint); overrides win."""
+    values: dict[str, Any] = {
+        "ssh_public_key": _lab_ssh_key(),
+        "admin_cidrs": ("198.18.0.0/15",),
+        "network_cidr": "198.18.0.0/16",
+        "subnet_cidr": topo.PRIVATE_SUBNET,
+        "lb_private_ips": tuple(topo.LB_PRIVATE_IPS[n] for n in topo.LB_NAMES),
+        "web_private_ips": tuple(topo.web_private_ip(k) for k in range(1, web_count + 1)),
+        "web_count": web_count,
+        "hetzner_api_endpoint": api_url,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class HostRuntime:
+    """What runs on one lab host and where its files live."""
+
+    host: Host
+    root: Path
+    layout: Layout
+    procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+
+
+class LabCluster:
+    """The daemons of the cluster on a running ``LabNetwork``; :meth:`stop` ends them."""
+
+    def __init__(self, lab: LabNetwork, **settings_overrides: Any) -> None:
+        self.lab = lab
+        self.settings_overrides = settings_overrides
+        self.base = RUN_BASE / f"{lab.prefix}-lab"
+        self.api: FakeApi | None = None
+        self.settings: Settings | None = None
+        self.stats_password = "lab-stats-" + secrets.token_hex(6)
+        self.secrets: RenderSecrets | None = None
+        self.hosts: dict[str, HostRuntime] = {}
+        self.facts = ClusterFacts(
+            floating_ip=topo.FLOATING_IP,
+            floating_ip_id=topo.FLOATING_IP_ID,
+            server_ids={
+                **topo.LB_SERVER_IDS,
+                **{topo.web_name(k): topo.web_server_id(k) for k in range(1, lab.web_count + 1)},
+            },
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> LabCluster:
+        self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        self.api = launch(self.lab)
+        self.settings = lab_settings(self.lab.web_count, self.api.url, **self.settings_overrides)
+        self.secrets = RenderSecrets(
+            stats_password=self.stats_password,
+            vrrp_password="lab-vrrp",
+            failover_token=self.api.token,
+        )
+        for host in [*self.lab.lbs, *self.lab.webs]:
+            root = self.base / host.name
+            root.mkdir(mode=0o755, exist_ok=True)
+            layout = Layout(
+                root=str(root),
+                haproxy_log_target="stdout",
+                failover_log_file=str(root / "var/log/hcloud-floating-ip.log"),
+            )
+            self.hosts[host.name] = HostRuntime(host, root, layout)
+        for web in self.lab.webs:
+            self._install_web(web.name)
+            self.start_apache(web.name)
+        for lb in self.lab.lbs:
+            self._install_lb(lb.name)
+        self.start_lb("lb1")
+        wait_for(lambda: self.is_master("lb1"), timeout, "lb1 to become VRRP master")
+        self.start_lb("lb2")
+        self.wait_settled(timeout)
+        return self
+
+    def stop(self) -> None:
+        """Stop every daemon by PID and remove the host roots (the lab removes the rest)."""
+        for rt in self.hosts.values():
+            for name in list(rt.procs):
+                self._stop(rt, name, signal.SIGTERM)
+        if self.api is not None:
+            self.lab.api.kill(self.api.proc)
+        if self.base.is_dir() and self.base.parent == RUN_BASE:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> LabCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- rendering -------------------------------------------------------------
+    def rendered(self, name: str) -> tuple[RenderedFile, ...]:
+        assert self.settings is not None and self.secrets is not None
+        return render_host(self.settings, self.facts, self.secrets, name, self.hosts[name].layout)
+
+    def _write(self, files: tuple[RenderedFile, ...]) -> None:
+        for f in files:
+            path = Path(f.path)
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".lab-new")
+            tmp.write_text(f.content, encoding="utf-8")
+            tmp.chmod(int(f.mode, 8))
+            os.replace(tmp, path)
+
+    def _validate(self, name: str, role: str) -> None:
+        rt = self.hosts[name]
+        for daemon in daemons_for(role):  # type: ignore[arg-type]
+            cmd = validate_command(daemon, rt.layout)
+            proc = rt.host.run(
+                ["sh", "-ec", cmd], check=False, timeout=20, env={**os.environ, "STAGE": ""}
+            )
+            if proc.returncode != 0:
+                raise LabError(
+                    f"{name}: {daemon.name} config rejected by its checker:\n"
+                    f"{proc.stdout}{proc.stderr}"
+                )
+
+    def _install_web(self, name: str) -> None:
+        rt = self.hosts[name]
+        conf = rt.root / "etc/apache2"
+        if not conf.exists():
+            conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            shutil.copytree("/etc/apache2", conf, symlinks=True)
+        self._write(self.rendered(name))
+        for mod in ("remoteip", "usertrack"):
+            link = conf / "mods-enabled" / f"{mod}.load"
+            if not link.is_symlink():
+                link.symlink_to(f"../mods-available/{mod}.load")
+        site = conf / "sites-enabled/hcloud-ha-web.conf"
+        if not site.is_symlink():
+            site.symlink_to("../sites-available/hcloud-ha-web.conf")
+        (conf / "sites-enabled/000-default.conf").unlink(missing_ok=True)
+        for d in ("run/apache2", "var/lock/apache2", "var/log/apache2"):
+            (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._validate(name, "web")
+
+    def _install_lb(self, name: str) -> None:
+        rt = self.hosts[name]
+        assert self.settings is not None
+        script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
+        rt.host.run(["sh", "-ec", script], timeout=15)
+        self._write(self.rendered(name))
+        for d in ("run/haproxy", "var/log"):
+            (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+        rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
+        self._validate(name, "lb")
+
+    def reconfigure(self, **overrides: Any) -> None:
+        """Re-render every host with changed settings and reload HAProxy and Apache in place.
+
+        HAProxy gets SIGUSR2 (master-worker reload), Apache SIGUSR1 (graceful), as
+        ``systemctl reload`` does on a real host; keepalived keeps running.
+        """
+        assert self.api is not None
+        self.settings_overrides = {**self.settings_overrides, **overrides}
+        self.settings = lab_settings(self.lab.web_count, self.api.url, **self.settings_overrides)
+        for web in self.lab.webs:
+            self._install_web(web.name)
+            self._signal(web.name, "apache2", signal.SIGUSR1)
+        for lb in self.lab.lbs:
+            self._write(self.rendered(lb.name))
+            self._validate(lb.name, "lb")
+            self._signal(lb.name, "haproxy", signal.SIGUSR2)
+        time.sleep(0.5)  # graceful restarts hand over within a few hundred ms
+        self.wait_settled(15)
+
+    # -- daemons -------------------------------------------------------------------
+    def _popen(
+        self, name: str, daemon: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        rt = self.hosts[name]
+        old = rt.procs.get(daemon)
+        if old is not None and old.poll() is None:
+            raise LabError(f"{daemon} already runs on {name} (pid {old.pid})")
+        log = rt.host.logdir / f"{name}-{daemon}.log"
+        rt.procs[daemon] = rt.host.popen(argv, log=log, env=env, cwd=str(REPO_ROOT))
+
+    def _stop(self, rt: HostRuntime, daemon: str, sig: int) -> None:
+        proc = rt.procs.pop(daemon, None)
+        if proc is not None:
+            rt.host.kill(proc, sig)
+
+    def _signal(self, name: str, daemon: str, sig: int) -> None:
+        proc = self.hosts[name].procs.get(daemon)
+        if proc is None or proc.poll() is not None:
+            raise LabError(f"{daemon} is not running on {name}")
+        os.kill(proc.pid, sig)
+
+    def daemon_log(self, name: str, daemon: str) -> str:
+        path = self.lab[name].logdir / f"{name}-{daemon}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def running(self, name: str, daemon: str) -> bool:
+        proc = self.hosts[name].procs.get(daemon)
+        return proc is not None and proc.poll() is None
+
+    def start_apache(self, name: str) -> None:
+        root = self.hosts[name].root
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LANG": "C",
+            "APACHE_RUN_USER": "www-data",
+            "APACHE_RUN_GROUP": "www-data",
+            "APACHE_RUN_DIR": str(root / "run/apache2"),
+            "APACHE_PID_FILE": str(root / "run/apache2/apache2.pid"),
+            "APACHE_LOCK_DIR": str(root / "var/lock/apache2"),
+            "APACHE_LOG_DIR": str(root / "var/log/apache2"),
+        }
+        conf = root / "etc/apache2"
+        argv = ["apache2", "-d", str(conf), "-f", str(conf / "apache2.conf"), "-DFOREGROUND"]
+        self._popen(name, "apache2", argv, env)
+
+    def kill_apache(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self._stop(self.hosts[name], "apache2", sig)
+
+    def start_haproxy(self, name: str) -> None:
+        cfg = self.hosts[name].root / "etc/haproxy/haproxy.cfg"
+        self._popen(name, "haproxy", ["haproxy", "-Ws", "-f", str(cfg)])
+
+    def kill_haproxy(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self._stop(self.hosts[name], "haproxy", sig)
+
+    def start_keepalived(self, name: str) -> None:
+        root = self.hosts[name].root
+        argv = [
+            "keepalived",
+            "-n",
+            "-l",
+            "-D",
+            "-f",
+            str(root / "etc/keepalived/keepalived.conf"),
+            "-p",
+            str(root / "run/keepalived.pid"),
+            "-r",
+            str(root / "run/vrrp.pid"),
+            "-c",
+            str(root / "run/checkers.pid"),
+        ]
+        self._popen(name, "keepalived", argv)
+
+    def kill_keepalived(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self._stop(self.hosts[name], "keepalived", sig)
+
+    def start_lb(self, name: str, timeout: float = 10.0) -> None:
+        self.start_haproxy(name)
+        wait_for(lambda: self.haproxy_healthy(name), timeout, f"haproxy on {name}")
+        self.start_keepalived(name)
+
+    def vanish(self, name: str) -> None:
+        """The host is gone: every process SIGKILLed at once, every link down."""
+        rt = self.hosts[name]
+        self.lab.link_down(name)
+        for daemon in list(rt.procs):
+            self._stop(rt, daemon, signal.SIGKILL)
+        rt.host.kill_all(timeout=3)
+
+    def return_host(self, name: str, timeout: float = 10.0) -> None:
+        """Undo :meth:`vanish`: links up, daemons started as at boot."""
+        self.lab.link_up(name)
+        if name in topo.LB_NAMES:
+            self.start_lb(name, timeout)
+        else:
+            self.start_apache(name)
+
+    def _private_port(self, name: str) -> str:
+        ports = [p for p in self.lab[name].switch_ports if p.endswith("-v")]
+        if len(ports) != 1:
+            raise LabError(f"{name}: no private switch port in {self.lab[name].switch_ports}")
+        return ports[0]
+
+    def block_vrrp(self, name: str) -> None:
+        """Drop every VRRP packet arriving at ``name`` (tc ingress filter in its namespace)."""
+        rt = self.hosts[name]
+        iface = rt.host.private_iface
+        assert iface is not None
+        rt.host.run(["tc", "qdisc", "replace", "dev", iface, "ingress"])
+        rt.host.run(
+            [
+                "tc", "filter", "add", "dev", iface, "parent", "ffff:", "protocol", "ip",
+                "prio", "1", "u32", "match", "ip", "protocol", "112", "0xff", "action", "drop",
+            ]
+        )  # fmt: skip
+
+    def unblock_vrrp(self, name: str) -> None:
+        rt = self.hosts[name]
+        iface = rt.host.private_iface
+        assert iface is not None
+        rt.host.run(["tc", "qdisc", "del", "dev", iface, "ingress"], check=False)
+
+    # -- observation ---------------------------------------------------------------
+    def is_master(self, name: str) -> bool:
+        """keepalived marks mastership with the floating IP on ``lo`` (scope host)."""
+        out = self.lab[name].ip("-4", "-o", "addr", "show", "dev", "lo", check=False)
+        return f" {topo.FLOATING_IP}/32 " in out
+
+    def masters(self) -> list[str]:
+        return [n for n in topo.LB_NAMES if self.is_master(n)]
+
+    def haproxy_healthy(self, name: str) -> bool:
+        """HAProxy's local health endpoint answers (what keepalived's vrrp_script checks)."""
+        proc = self.lab[name].run(
+            [
+                "curl",
+                "-fsS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "0.5",
+                "http://127.0.0.1:8405/healthz",
+            ],
+            check=False,
+        )
+        return proc.returncode == 0
+
+    def haproxy_command(self, name: str, command: str, timeout: float = 2.0) -> str:
+        """One command on HAProxy's runtime API (the stats socket) of ``name``."""
+        path = self.hosts[name].root / "run/haproxy/admin.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            for _ in range(10_000):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        return b"".join(chunks).decode(errors="replace")
+
+    def server_status(self, name: str) -> dict[str, str]:
+        """``{web1: "UP", web2: "DOWN", ...}`` for backend ``web`` of HAProxy on ``name``."""
+        out = self.haproxy_command(name, "show stat")
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        if not lines or not lines[0].startswith("# "):
+            raise LabError(f"unexpected 'show stat' output: {out[:200]!r}")
+        header = lines[0][2:].split(",")
+        status: dict[str, str] = {}
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == "web" and row.get("svname") not in ("FRONTEND", "BACKEND"):
+                status[row["svname"]] = row.get("status", "")
+        return status
+
+    def backends_up(self, name: str) -> bool:
+        st = self.server_status(name)
+        return bool(st) and all(s.startswith("UP") for s in st.values())
+
+    def assigned(self) -> str | None:
+        assert self.api is not None
+        name = self.api.client.state().get("assigned_name")
+        return None if name is None else str(name)
+
+    def wait_settled(self, timeout: float = 15.0) -> None:
+        """lb1 is the only master, owns the IP at the API and the client route; all webs UP."""
+
+        def settled() -> bool:
+            return (
+                self.masters() == ["lb1"]
+                and self.assigned() == "lb1"
+                and self.lab.floating_ip_target() == "lb1"
+                and all(self.backends_up(n) for n in topo.LB_NAMES if self.running(n, "haproxy"))
+            )
+
+        wait_for(settled, timeout, "cluster settled: lb1 sole master with the IP, webs UP")
+
+    def failover_log(self, name: str) -> str:
+        path = Path(self.hosts[name].layout.failover_log_file)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self, name: str) -> str:
+        path = self.hosts[name].root / "var/log/apache2/access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def vrrp_transitions(self, name: str, state: str = "MASTER") -> int:
+        """How often keepalived on ``name`` logged entering ``state`` (all its runs)."""
+        return self.daemon_log(name, "keepalived").count(f"Entering {state} STATE")
+
+    @property
+    def url(self) -> str:
+        return f"http://{topo.FLOATING_IP}/"
+
+    @property
+    def stats_url(self) -> str:
+        return f"http://{topo.FLOATING_IP}{STATS_URL_PATH}"
+
+    @property
+    def stats_user(self) -> str:
+        assert self.settings is not None
+        return self.settings.stats_user
+
+    def python_argv(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
