@@ -13,6 +13,9 @@ namespaces this module creates)::
         lb2    198.19.0.12
         client 198.19.0.100
     floating IP 198.19.1.1 (on eth0 of both LBs, /32, like Hetzner's guide says)
+    198.19.0.1 is the LBs' default gateway, as Hetzner's 172.31.1.1 is: no host
+    has it (nothing leaves the lab), but ``ip route show default`` names the
+    public interface, which is how provisioning finds it.
 
 Names: host ``lb1`` of run ``hw3f9a`` is namespace ``hw3f9a-lb1``.  The two
 bridges live in namespace ``hw3f9a-sw`` (never in the root namespace), joined
@@ -66,6 +69,8 @@ FLOATING_IP_ID = 4711
 API_IP = "198.19.0.2"
 API_PORT = 8080
 CLIENT_IP = "198.19.0.100"
+#: Default gateway of the LBs' public side; deliberately no host has this address.
+PUBLIC_GATEWAY = "198.19.0.1"
 PUBLIC_IFACE = "eth0"
 LB_NAMES = ("lb1", "lb2")
 LB_PUBLIC_IPS = {"lb1": "198.19.0.11", "lb2": "198.19.0.12"}
@@ -349,6 +354,8 @@ class LabNetwork:
             ]
             host_cmds += [f"addr add {addr}/{PREFIXLEN} dev {iface}", f"link set {iface} up"]
             host.switch_ports.append(port)
+        if host.name in LB_NAMES:
+            host_cmds.append(f"route add default via {PUBLIC_GATEWAY} dev {PUBLIC_IFACE}")
         self._ip_batch(self.switch_ns, sw_cmds)
         self._ip_batch(host.ns, host_cmds)
 

@@ -93,6 +93,9 @@ def test_topology_comes_up_with_hetzner_like_interfaces(lab_net: LabNetwork) -> 
         assert f"{FLOATING_IP}/32" in lb.ip("-o", "-4", "addr", "show", "dev", "eth0")
     for web in lab.webs:
         assert "eth0" not in web.ip("-o", "link", "show")
+    # as on Hetzner, the LBs' default route names their public interface
+    for lb in lab.lbs:
+        assert lb.ip("-o", "-4", "route", "show", "default").split()[4] == "eth0"
     # nothing of the lab exists in the root namespace
     root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert lab.prefix not in root_links
