@@ -200,6 +200,11 @@ class RootfsImage:
     tarball: Path
     built: bool  #: True when this call ran debootstrap (cold)
     seconds: float  #: wall time of this call (build or cache check)
+    cold_seconds: Optional[float] = None  #: how long the last cold build of this tarball took
+
+    @property
+    def size_bytes(self) -> int:
+        return self.tarball.stat().st_size
 
 
 def _stamp(suite: str, mirror: Mirror) -> dict:
@@ -244,13 +249,23 @@ def ensure_rootfs(
             except (OSError, ValueError):
                 have = None
             if have == want:
-                return RootfsImage(suite, tar, False, time.monotonic() - t0)
+                return RootfsImage(suite, tar, False, time.monotonic() - t0, _cold_seconds(cache, suite))
             log(f"rootfs {suite}: stamp changed ({have} -> {want}), rebuilding")
         _build(suite, mirror, tar, cache, log)
+        seconds = time.monotonic() - t0
+        (cache / f"rootfs-{suite}.info.json").write_text(
+            json.dumps({"build_seconds": round(seconds, 1), "built_at": time.time()}) + "\n")
         tmp = stamp_file.with_suffix(".stamp.tmp")
         tmp.write_text(json.dumps(want, indent=1) + "\n")
         os.replace(tmp, stamp_file)
-    return RootfsImage(suite, tar, True, time.monotonic() - t0)
+    return RootfsImage(suite, tar, True, seconds, seconds)
+
+
+def _cold_seconds(cache: Path, suite: str) -> Optional[float]:
+    try:
+        return float(json.loads((cache / f"rootfs-{suite}.info.json").read_text())["build_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _flock(f, timeout: float) -> None:
