@@ -11,11 +11,11 @@ addresses of that namespace, with ``CAP_NET_ADMIN`` and a writable
 
 Usage::
 
-    with CloudLab() as lab:                       # per-run prefix, key pair, workdir
+    with CloudLab() as lab:  # per-run prefix, key pair, workdir
         h = lab.host("lb1", netns="hw1a2b-lb1", suite="trixie")
-        lab.boot(h)                               # parallel start + bounded wait
+        lab.boot(h)  # parallel start + bounded wait
         h.ssh("apt-get install -y haproxy", timeout=600)
-        h.reboot()                                # relaunch: same rootfs, same netns
+        h.reboot()  # relaunch: same rootfs, same netns
     # everything torn down (also on exceptions, SIGINT, SIGTERM, SIGHUP, exit)
 
 How hosts reach the package mirror (and nothing else)
@@ -58,6 +58,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
 import http.client
 import json
 import os
@@ -72,14 +73,16 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 from lab.cloud.rootfs import (
     DEFAULT_CACHE_DIR,
     Mirror,
+    RootfsImage,
     apt_mirror,
     ensure_rootfs,
     extract,
@@ -102,7 +105,16 @@ SSH_TIMEOUT = 120.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NSPAWN_RUN_DIRS = (Path("/run/systemd/nspawn/propagate"), Path("/run/systemd/nspawn/unix-export"))
 
-REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "ssh", "ssh-keygen", "nsenter", "tar", "mount", "umount")
+REQUIRED_TOOLS = (
+    "systemd-nspawn",
+    "debootstrap",
+    "ssh",
+    "ssh-keygen",
+    "nsenter",
+    "tar",
+    "mount",
+    "umount",
+)
 
 Log = Callable[[str], None]
 
@@ -115,17 +127,20 @@ class CloudInterrupted(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM/SIGHUP while a :class:`CloudLab` is open."""
 
 
-def _which(tool: str) -> Optional[str]:
+def _which(tool: str) -> str | None:
     return shutil.which(tool) or shutil.which(tool, path="/usr/local/sbin:/usr/sbin:/sbin")
 
 
-def requirements_missing() -> Optional[str]:
+def requirements_missing() -> str | None:
     """Why hosts cannot be booted here (``None`` when they can)."""
     if os.geteuid() != 0:
         return "local cloud tier needs root (network namespaces, mounts, systemd-nspawn)"
     missing = [t for t in REQUIRED_TOOLS if not _which(t)]
     if missing:
-        return f"missing tools: {', '.join(missing)} (apt-get install debootstrap systemd-container openssh-client util-linux)"
+        return (
+            f"missing tools: {', '.join(missing)} "
+            "(apt-get install debootstrap systemd-container openssh-client util-linux)"
+        )
     return None
 
 
@@ -178,8 +193,12 @@ def socket_in_netns(netns: str, addr: tuple[str, int], timeout: float = 10.0) ->
     if not path.exists():
         raise CloudError(f"network namespace {netns!r} does not exist ({path})")
     if addr[0].startswith("127."):
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=10,
-                       capture_output=True)
+        subprocess.run(
+            ["ip", "-n", netns, "link", "set", "lo", "up"],
+            check=True,
+            timeout=10,
+            capture_output=True,
+        )
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -200,14 +219,27 @@ def socket_in_netns(netns: str, addr: tuple[str, int], timeout: float = 10.0) ->
         raise TimeoutError(f"binding in {netns} took longer than {timeout}s")
     if "error" in box:
         raise box["error"]
-    return box["sock"]
+    sock: socket.socket = box["sock"]
+    return sock
 
 
 # --------------------------------------------------------------------------- mirror proxy
 
-_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
-        "te", "trailer", "transfer-encoding", "upgrade", "content-length"}
-_CACHEABLE = re.compile(r"^/[\w.+~%-]+(?:/[\w.+~%-]+)*/(?:pool/.+\.u?deb|dists/.+/by-hash/\w+/[0-9a-f]{32,})$")
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+}
+_CACHEABLE = re.compile(
+    r"^/[\w.+~%-]+(?:/[\w.+~%-]+)*/(?:pool/.+\.u?deb|dists/.+/by-hash/\w+/[0-9a-f]{32,})$"
+)
 
 
 class MirrorProxy:
@@ -217,13 +249,18 @@ class MirrorProxy:
     socket inside a namespace and serves it from a thread of this process.
     """
 
-    def __init__(self, mirror: Mirror, cache_dir: Optional[Path], log_file: Path,
-                 upstream_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        mirror: Mirror,
+        cache_dir: Path | None,
+        log_file: Path,
+        upstream_timeout: float = 60.0,
+    ) -> None:
         self.mirror = mirror
         self.allowed = set(mirror.hosts)
         self.cache_dir = cache_dir
         self.upstream_timeout = upstream_timeout
-        self._log = open(log_file, "a", buffering=1)
+        self._log = open(log_file, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self._servers: dict[str, tuple[ThreadingHTTPServer, threading.Thread]] = {}
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "bytes": 0, "cache_hits": 0, "denied": 0, "errors": 0}
@@ -251,8 +288,12 @@ class MirrorProxy:
         server.socket.close()
         server.socket = sock
         server.daemon_threads = True
-        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
-                             name=f"mirror-proxy-{netns}", daemon=True)
+        t = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.25},
+            name=f"mirror-proxy-{netns}",
+            daemon=True,
+        )
         t.start()
         with self._lock:
             self._servers[netns] = (server, t)
@@ -263,7 +304,7 @@ class MirrorProxy:
             entry = self._servers.pop(netns, None)
         if entry:
             server, t = entry
-            server.shutdown()  # returns once serve_forever's poll loop has seen it (<= poll_interval)
+            server.shutdown()  # returns once serve_forever's loop has seen it (<= poll_interval)
             server.server_close()
             t.join(5)
 
@@ -280,16 +321,16 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     server_version = "hcloud-ha-web-lab-mirror-proxy"
     timeout = 120  # idle client connections are closed
 
-    _upstream: Optional[http.client.HTTPConnection] = None
+    _upstream: http.client.HTTPConnection | None = None
     _upstream_host: str = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         self.proxy.log(format % args)
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         self._forward(head=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._forward(head=True)
 
     def _deny(self, code: int, why: str) -> None:
@@ -312,17 +353,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if netloc.endswith(":80"):
             netloc = netloc[:-3]
         if url.scheme != "http" or netloc not in p.allowed:
-            self._deny(403, f"the lab lets hosts reach the Debian mirror only, not {self.path[:200]}")
+            self._deny(
+                403, f"the lab lets hosts reach the Debian mirror only, not {self.path[:200]}"
+            )
             return
         target = url.path + (f"?{url.query}" if url.query else "")
         cache_file = None
-        if (p.cache_dir is not None and not head and "Range" not in self.headers
-                and ".." not in url.path and _CACHEABLE.match(url.path)):
+        if (
+            p.cache_dir is not None
+            and not head
+            and "Range" not in self.headers
+            and ".." not in url.path
+            and _CACHEABLE.match(url.path)
+        ):
             cache_file = p.cache_dir / netloc / url.path.lstrip("/")
             if cache_file.is_file():
                 self._serve_file(cache_file)
                 return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"
+        }
         headers["Host"] = netloc
         resp = None
         for attempt in range(2):  # one retry on a stale keep-alive upstream connection
@@ -331,7 +381,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 conn.request("HEAD" if head else "GET", target, headers=headers)
                 resp = conn.getresponse()
                 break
-            except (http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine) as exc:
+            except (
+                http.client.RemoteDisconnected,
+                ConnectionError,
+                http.client.BadStatusLine,
+            ) as exc:
                 conn.close()
                 self._upstream = None
                 if attempt == 1:
@@ -352,7 +406,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self._upstream.close()
                 self._upstream = None
 
-    def _relay(self, resp: http.client.HTTPResponse, head: bool, cache_file: Optional[Path]) -> None:
+    def _relay(self, resp: http.client.HTTPResponse, head: bool, cache_file: Path | None) -> None:
         p = self.proxy
         length = resp.getheader("Content-Length")
         chunked = "chunked" in (resp.getheader("Transfer-Encoding") or "").lower()
@@ -381,7 +435,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if cache_file is not None and resp.status == 200:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f".{cache_file.name}.{threading.get_ident()}.part")
-            out = open(tmp, "wb")
+            out = open(tmp, "wb")  # noqa: SIM115 - closed in the finally below
         done = 0
         try:
             while done < total:
@@ -394,7 +448,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 done += len(chunk)
         finally:
             p.count("bytes", done)
-            if out:
+            if out is not None and tmp is not None and cache_file is not None:
                 out.close()
                 if done == total:
                     os.replace(tmp, cache_file)
@@ -476,7 +530,7 @@ class _CgroupSet:
                         found.update(int(x) for x in Path(sub, "cgroup.procs").read_text().split())
         return found
 
-    def memory_dir(self) -> Optional[Path]:
+    def memory_dir(self) -> Path | None:
         for d in self.dirs:
             if str(d).startswith(f"{CGROUP_ROOT}/memory/") and d.is_dir():
                 return d
@@ -489,9 +543,11 @@ class _CgroupSet:
         for d in self.dirs:
             if not d.is_dir():
                 continue
-            subdirs = sorted((Path(s) for s, _, _ in os.walk(d)), key=lambda p: len(p.parts), reverse=True)
+            subdirs = sorted(
+                (Path(s) for s, _, _ in os.walk(d)), key=lambda p: len(p.parts), reverse=True
+            )
             for s in subdirs:
-                while True:
+                for _ in range(int(timeout / 0.1) + 1):
                     try:
                         s.rmdir()
                         break
@@ -503,6 +559,10 @@ class _CgroupSet:
                             break
                         time.sleep(0.1)
         return left
+
+
+def _cgroup_empty(cg: _CgroupSet) -> bool:
+    return not cg.pids()
 
 
 # --------------------------------------------------------------------------- processes
@@ -570,7 +630,7 @@ class CloudHost:
     change made by provisioning.
     """
 
-    def __init__(self, lab: "CloudLab", name: str, netns: str, suite: str, hostname: str) -> None:
+    def __init__(self, lab: CloudLab, name: str, netns: str, suite: str, hostname: str) -> None:
         self.lab = lab
         self.name = name
         self.netns = netns
@@ -584,9 +644,9 @@ class CloudHost:
         self.overlay = False
         self.timing = BootTiming()
         self.boots = 0
-        self._proc: Optional[subprocess.Popen[bytes]] = None
-        self._leader: Optional[int] = None
-        self._cgroups: Optional[_CgroupSet] = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._leader: int | None = None
+        self._cgroups: _CgroupSet | None = None
         self._mem_peak_seen = 0
         self._prepared = False
 
@@ -607,14 +667,25 @@ class CloudHost:
             upper.mkdir(exist_ok=True)
             work.mkdir(exist_ok=True)
             r = subprocess.run(
-                ["mount", "-t", "overlay", "overlay", "-o",
-                 f"lowerdir={lower},upperdir={upper},workdir={work}", str(self.root)],
-                capture_output=True, text=True, timeout=30,
+                [
+                    "mount",
+                    "-t",
+                    "overlay",
+                    "overlay",
+                    "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}",
+                    str(self.root),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             if r.returncode == 0:
                 self.overlay = True
             else:
-                self.lab.log(f"{self.name}: overlay mount failed ({r.stderr.strip()}); using a full copy")
+                self.lab.log(
+                    f"{self.name}: overlay mount failed ({r.stderr.strip()}); using a full copy"
+                )
                 self.lab.use_overlay = False
         if not self.overlay:
             extract(self.lab.images[self.suite].tarball, self.root)
@@ -627,15 +698,19 @@ class CloudHost:
         hosts = (r / "etc/hosts").read_text() if (r / "etc/hosts").exists() else ""
         hosts = "\n".join(ln for ln in hosts.splitlines() if not ln.startswith("127.0.1.1"))
         (r / "etc/hosts").write_text(
-            (hosts.strip() or "127.0.0.1\tlocalhost") + f"\n127.0.1.1\t{self.hostname}\n")
+            (hosts.strip() or "127.0.0.1\tlocalhost") + f"\n127.0.1.1\t{self.hostname}\n"
+        )
         (r / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
         resolv = r / "etc/resolv.conf"
         if resolv.is_symlink():
             resolv.unlink()
-        resolv.write_text("# hcloud-ha-web lab host: no DNS here; apt reaches the Debian mirror\n"
-                          f"# through the lab's proxy at {PROXY_ADDR[0]}:{PROXY_ADDR[1]}\n")
+        resolv.write_text(
+            "# hcloud-ha-web lab host: no DNS here; apt reaches the Debian mirror\n"
+            f"# through the lab's proxy at {PROXY_ADDR[0]}:{PROXY_ADDR[1]}\n"
+        )
         (r / "etc/apt/apt.conf.d/00hcloud-ha-web-lab-proxy").write_text(
-            f'Acquire::http::Proxy "http://{PROXY_ADDR[0]}:{PROXY_ADDR[1]}/";\n')
+            f'Acquire::http::Proxy "http://{PROXY_ADDR[0]}:{PROXY_ADDR[1]}/";\n'
+        )
         ssh_dir = r / "root/.ssh"
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(ssh_dir, 0o700)
@@ -646,8 +721,23 @@ class CloudHost:
         for kind in ("ed25519", "ecdsa", "rsa"):
             key = r / f"etc/ssh/ssh_host_{kind}_key"
             if not key.exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{self.hostname}",
-                                "-f", str(key)], check=True, timeout=60, capture_output=True)
+                subprocess.run(
+                    [
+                        "ssh-keygen",
+                        "-q",
+                        "-t",
+                        kind,
+                        "-N",
+                        "",
+                        "-C",
+                        f"root@{self.hostname}",
+                        "-f",
+                        str(key),
+                    ],
+                    check=True,
+                    timeout=60,
+                    capture_output=True,
+                )
         pub = (r / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
         self.known_hosts.write_text(f"{self.machine} {pub[0]} {pub[1]}\n")
 
@@ -658,7 +748,7 @@ class CloudHost:
         return self._proc is not None and self._proc.poll() is None
 
     @property
-    def leader_pid(self) -> Optional[int]:
+    def leader_pid(self) -> int | None:
         """PID (in our PID namespace) of the container's systemd."""
         return self._leader
 
@@ -674,7 +764,8 @@ class CloudHost:
             env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
         nspawn = [
             _which("systemd-nspawn") or "systemd-nspawn",
-            "--quiet", "--boot",
+            "--quiet",
+            "--boot",
             f"--directory={self.root}",
             f"--machine={self.machine}",
             f"--hostname={self.hostname}",
@@ -686,24 +777,41 @@ class CloudHost:
             "--console=read-only",
         ]
         if self.lab.nspawn_features.get("suppress-sync"):
-            nspawn.append("--suppress-sync=yes")  # dpkg's fsyncs are the slowest part of apt in a lab
+            # dpkg's fsyncs are the slowest part of apt in a lab
+            nspawn.append("--suppress-sync=yes")
         if self.lab.mode == "legacy":
             nspawn += ["--register=no", "--keep-unit"]
             self._cgroups = _CgroupSet(self.machine)
             procs = self._cgroups.create()
-            argv = ["/bin/sh", "-c",
-                    'while [ "$1" != -- ]; do echo $$ > "$1" || exit 97; shift; done; shift; exec "$@"',
-                    "sh", *map(str, procs), "--", *nspawn]
+            argv = [
+                "/bin/sh",
+                "-c",
+                'while [ "$1" != -- ]; do echo $$ > "$1" || exit 97; shift; done; shift; exec "$@"',
+                "sh",
+                *map(str, procs),
+                "--",
+                *nspawn,
+            ]
         else:
             argv = nspawn
         self.timing = BootTiming(launched=time.monotonic())
         self.boots += 1
         with open(self.console_log, "ab") as out:
-            out.write(f"\n==== boot {self.boots}: {' '.join(argv[-len(nspawn):])}\n".encode())
+            out.write(f"\n==== boot {self.boots}: {' '.join(argv[-len(nspawn) :])}\n".encode())
             out.flush()
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          env=env, start_new_session=True, close_fds=True)
-        self.lab.log(f"{self.name}: launched nspawn pid {self._proc.pid} (debian {self.suite}, netns {self.netns})")
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self.lab.log(
+            f"{self.name}: launched nspawn pid {self._proc.pid} "
+            f"(debian {self.suite}, netns {self.netns})"
+        )
         if wait:
             self.wait_ready(timeout)
         return self.timing
@@ -718,7 +826,9 @@ class CloudHost:
             # nspawn -> outer child (exits) -> container init, the child in a new PID namespace
             for k in _children(self._proc.pid):
                 try:
-                    if os.readlink(f"/proc/{k}/ns/pid") != os.readlink(f"/proc/{self._proc.pid}/ns/pid"):
+                    if os.readlink(f"/proc/{k}/ns/pid") != os.readlink(
+                        f"/proc/{self._proc.pid}/ns/pid"
+                    ):
                         box.append(k)
                         return True
                 except OSError:
@@ -740,13 +850,19 @@ class CloudHost:
         last = ""
         for _attempt in range(int(timeout / 0.3) + 2):
             if not self.running:
-                raise CloudError(f"{self.name}: systemd-nspawn exited with {self._proc.returncode}\n"
-                                 f"{self.console_tail()}")
+                raise CloudError(
+                    f"{self.name}: systemd-nspawn exited with {self._proc.returncode}\n"
+                    f"{self.console_tail()}"
+                )
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            r = self.ssh("systemctl is-system-running", timeout=min(15.0, max(left, 1.0)), check=False,
-                         connect_timeout=3)
+            r = self.ssh(
+                "systemctl is-system-running",
+                timeout=min(15.0, max(left, 1.0)),
+                check=False,
+                connect_timeout=3,
+            )
             if r.returncode != 255:  # ssh itself worked
                 if not self.timing.ssh_ready:
                     self.timing.ssh_ready = time.monotonic() - self.timing.launched
@@ -755,8 +871,10 @@ class CloudHost:
                 if state in ("running", "degraded"):
                     self.timing.system_ready = time.monotonic() - self.timing.launched
                     self.timing.state = state
-                    self.lab.log(f"{self.name}: {state} after {self.timing.system_ready:.1f}s "
-                                 f"(ssh after {self.timing.ssh_ready:.1f}s)")
+                    self.lab.log(
+                        f"{self.name}: {state} after {self.timing.system_ready:.1f}s "
+                        f"(ssh after {self.timing.ssh_ready:.1f}s)"
+                    )
                     return self.timing
                 if state in ("maintenance", "stopping"):
                     break
@@ -764,7 +882,9 @@ class CloudHost:
                 lines = r.stderr.strip().splitlines()
                 last = lines[-1] if lines else "ssh failed"
             time.sleep(0.3)
-        raise CloudError(f"{self.name}: not ready within {timeout:.0f}s (last: {last!r})\n{self.console_tail()}")
+        raise CloudError(
+            f"{self.name}: not ready within {timeout:.0f}s (last: {last!r})\n{self.console_tail()}"
+        )
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Orderly poweroff (SIGTERM to nspawn = SIGRTMIN+3 to the container's systemd),
@@ -801,7 +921,7 @@ class CloudHost:
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                _wait_until(lambda: not self._cgroups.pids(), 5)  # type: ignore[union-attr]
+                _wait_until(functools.partial(_cgroup_empty, self._cgroups), 5)
             left = self._cgroups.remove()
             if left:
                 self.lab.log(f"{self.name}: cgroups left: {left}")
@@ -819,7 +939,9 @@ class CloudHost:
         self.lab.proxy.unlisten(self.netns)
         if self.overlay or os.path.ismount(self.root):
             for _ in range(5):
-                r = subprocess.run(["umount", str(self.root)], capture_output=True, text=True, timeout=30)
+                r = subprocess.run(
+                    ["umount", str(self.root)], capture_output=True, text=True, timeout=30
+                )
                 if r.returncode == 0 or not os.path.ismount(self.root):
                     break
                 time.sleep(0.5)
@@ -828,7 +950,9 @@ class CloudHost:
             self.overlay = False
         if os.path.ismount(self.root):
             raise CloudError(f"{self.name}: {self.root} is still mounted; not deleting")
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(self.dir)], timeout=300, check=False)
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(self.dir)], timeout=300, check=False
+        )
         self._prepared = False
 
     def _cleanup_nspawn_leftovers(self) -> None:
@@ -837,27 +961,62 @@ class CloudHost:
         for d in NSPAWN_RUN_DIRS:
             p = d / self.machine
             if p.exists() and not os.path.ismount(p):
-                subprocess.run(["rm", "-rf", "--one-file-system", "--", str(p)], timeout=30, check=False)
+                subprocess.run(
+                    ["rm", "-rf", "--one-file-system", "--", str(p)], timeout=30, check=False
+                )
 
     # ---- using the host
 
-    def ssh_argv(self, command: Optional[str] = None, *, connect_timeout: float = 5, address: str = "127.0.0.1") -> list[str]:
+    def ssh_argv(
+        self,
+        command: str | None = None,
+        *,
+        connect_timeout: float = 5,
+        address: str = "127.0.0.1",
+    ) -> list[str]:
         """argv that runs ``command`` on the host as root over SSH (from inside its netns)."""
         argv = [
-            "nsenter", f"--net={NETNS_DIR / self.netns}", "--",
-            "ssh", "-F", "/dev/null", "-i", str(self.lab.key_path),
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
-            "-o", f"HostKeyAlias={self.machine}", "-o", f"ConnectTimeout={int(connect_timeout)}",
-            "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
-            "-o", "LogLevel=ERROR", "--", f"root@{address}",
+            "nsenter",
+            f"--net={NETNS_DIR / self.netns}",
+            "--",
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(self.lab.key_path),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            f"HostKeyAlias={self.machine}",
+            "-o",
+            f"ConnectTimeout={int(connect_timeout)}",
+            "-o",
+            "ServerAliveInterval=10",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "LogLevel=ERROR",
+            "--",
+            f"root@{address}",
         ]
         if command is not None:
             argv.append(command)
         return argv
 
-    def ssh(self, cmd: str, stdin: Optional[str | bytes] = None, timeout: float = SSH_TIMEOUT,
-            check: bool = True, connect_timeout: float = 5) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self,
+        cmd: str,
+        stdin: str | bytes | None = None,
+        timeout: float = SSH_TIMEOUT,
+        check: bool = True,
+        connect_timeout: float = 5,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` (a shell command line) on the host as root; text output.
 
         ``stdin`` (str or bytes) is fed to the command; ``check`` raises
@@ -865,16 +1024,25 @@ class CloudHost:
         """
         data = stdin.encode() if isinstance(stdin, str) else stdin
         try:
-            r = subprocess.run(self.ssh_argv(cmd, connect_timeout=connect_timeout),
-                               input=data if data is not None else b"",
-                               capture_output=True, timeout=timeout)
+            r = subprocess.run(
+                self.ssh_argv(cmd, connect_timeout=connect_timeout),
+                input=data if data is not None else b"",
+                capture_output=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired as exc:
             raise CloudError(f"{self.name}: ssh {cmd!r} timed out after {timeout:.0f}s") from exc
-        res = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
-                                          r.stderr.decode(errors="replace"))
+        res = subprocess.CompletedProcess(
+            r.args,
+            r.returncode,
+            r.stdout.decode(errors="replace"),
+            r.stderr.decode(errors="replace"),
+        )
         if check and res.returncode != 0:
-            raise CloudError(f"{self.name}: ssh {cmd!r} failed (exit {res.returncode})\n"
-                             f"stdout: {res.stdout[-3000:]}\nstderr: {res.stderr[-3000:]}")
+            raise CloudError(
+                f"{self.name}: ssh {cmd!r} failed (exit {res.returncode})\n"
+                f"stdout: {res.stdout[-3000:]}\nstderr: {res.stderr[-3000:]}"
+            )
         return res
 
     def console_tail(self, n: int = 30) -> str:
@@ -917,7 +1085,10 @@ class CloudHost:
         container's scope): current usage, peak since boot, anon RSS.
         """
         pids = self.pids()
-        out: dict[str, Any] = {"processes": len(pids), "rss_sum_bytes": sum(_rss_kib(p) for p in pids) * 1024}
+        out: dict[str, Any] = {
+            "processes": len(pids),
+            "rss_sum_bytes": sum(_rss_kib(p) for p in pids) * 1024,
+        }
         mdir = self._cgroups.memory_dir() if self._cgroups else None
         if mdir is not None:
             stat = dict(ln.split() for ln in (mdir / "memory.stat").read_text().splitlines())
@@ -927,8 +1098,11 @@ class CloudHost:
             out["cgroup_cache_bytes"] = int(stat.get("total_cache", stat.get("cache", 0)))
         elif self._leader:
             with contextlib.suppress(OSError, ValueError):
-                path = next(ln.split(":", 2)[2] for ln in Path(f"/proc/{self._leader}/cgroup").read_text().splitlines()
-                            if ln.startswith("0::"))
+                path = next(
+                    ln.split(":", 2)[2]
+                    for ln in Path(f"/proc/{self._leader}/cgroup").read_text().splitlines()
+                    if ln.startswith("0::")
+                )
                 d = CGROUP_ROOT / path.lstrip("/")
                 # init sits in <machine scope>/[payload/]init.scope: go up to the machine's scope
                 for _ in range(len(d.parts)):
@@ -946,7 +1120,7 @@ class CloudHost:
 
 # --------------------------------------------------------------------------- lab
 
-_OPEN: list["CloudLab"] = []
+_OPEN: list[CloudLab] = []
 _OPEN_LOCK = threading.Lock()
 
 
@@ -965,7 +1139,9 @@ atexit.register(_close_all_at_exit)
 
 def _nspawn_features() -> dict[str, bool]:
     try:
-        text = subprocess.run(["systemd-nspawn", "--help"], capture_output=True, text=True, timeout=10).stdout
+        text = subprocess.run(
+            ["systemd-nspawn", "--help"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         text = ""
     return {"suppress-sync": "--suppress-sync" in text}
@@ -980,9 +1156,16 @@ class CloudLab:
     and the work directory.  The cached rootfs tarballs stay.
     """
 
-    def __init__(self, *, prefix: Optional[str] = None, cache_dir: Path | str = DEFAULT_CACHE_DIR,
-                 mirror: Optional[Mirror] = None, apt_cache: Optional[bool] = None,
-                 log: Optional[Log] = None, handle_signals: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        prefix: str | None = None,
+        cache_dir: Path | str = DEFAULT_CACHE_DIR,
+        mirror: Mirror | None = None,
+        apt_cache: bool | None = None,
+        log: Log | None = None,
+        handle_signals: bool = True,
+    ) -> None:
         self.prefix = prefix or new_prefix()
         if not PREFIX_RE.match(self.prefix):
             raise ValueError(f"prefix must match {PREFIX_RE.pattern}: {self.prefix!r}")
@@ -991,9 +1174,11 @@ class CloudLab:
         self.mode = detect_mode()
         self.nspawn_features = _nspawn_features()
         self.workdir = WORK_ROOT / self.prefix
-        self._log = log or (lambda msg: print(f"[cloud {self.prefix}] {msg}", file=sys.stderr, flush=True))
+        self._log = log or (
+            lambda msg: print(f"[cloud {self.prefix}] {msg}", file=sys.stderr, flush=True)
+        )
         self.hosts: dict[str, CloudHost] = {}
-        self.images: dict[str, Any] = {}
+        self.images: dict[str, RootfsImage] = {}
         self.use_overlay = "overlay" in Path("/proc/filesystems").read_text()
         self._lowers: dict[str, Path] = {}
         self._lower_locks = {s: threading.Lock() for s in ("bookworm", "trixie")}
@@ -1006,14 +1191,31 @@ class CloudLab:
             if handle_signals:
                 self._install_signal_handlers()
             self.key_path = self.workdir / "id_ed25519"
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hcloud-ha-web-lab-{self.prefix}",
-                            "-f", str(self.key_path)], check=True, timeout=30, capture_output=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"hcloud-ha-web-lab-{self.prefix}",
+                    "-f",
+                    str(self.key_path),
+                ],
+                check=True,
+                timeout=30,
+                capture_output=True,
+            )
             self.public_key = self.key_path.with_suffix(".pub").read_text().strip()
             if apt_cache is None:
                 apt_cache = os.environ.get("HCLOUD_HA_WEB_APT_CACHE", "1") != "0"
             proxy_cache = self.cache_dir / "apt-proxy" if apt_cache else None
             self.proxy = MirrorProxy(self.mirror, proxy_cache, self.workdir / "mirror-proxy.log")
-            self.log(f"mode={self.mode} workdir={self.workdir} mirror hosts={list(self.mirror.hosts)}")
+            self.log(
+                f"mode={self.mode} workdir={self.workdir} mirror hosts={list(self.mirror.hosts)}"
+            )
         except BaseException:
             self.close()
             raise
@@ -1021,7 +1223,7 @@ class CloudLab:
     def log(self, msg: str) -> None:
         self._log(msg)
 
-    def __enter__(self) -> "CloudLab":
+    def __enter__(self) -> CloudLab:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1036,7 +1238,9 @@ class CloudLab:
             self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        raise CloudInterrupted(f"signal {signal.Signals(signum).name}: tearing down the local cloud")
+        raise CloudInterrupted(
+            f"signal {signal.Signals(signum).name}: tearing down the local cloud"
+        )
 
     def _restore_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -1048,11 +1252,13 @@ class CloudLab:
 
     # ---- images and hosts
 
-    def image(self, suite: str):  # -> RootfsImage
+    def image(self, suite: str) -> RootfsImage:
         """The cached rootfs tarball of ``suite`` (built on first use)."""
         suite = suite_of(suite)
         if suite not in self.images:
-            self.images[suite] = ensure_rootfs(suite, cache_dir=self.cache_dir, mirror=self.mirror, log=self.log)
+            self.images[suite] = ensure_rootfs(
+                suite, cache_dir=self.cache_dir, mirror=self.mirror, log=self.log
+            )
         return self.images[suite]
 
     def _lower(self, suite: str) -> Path:
@@ -1066,7 +1272,9 @@ class CloudLab:
                 self._lowers[suite] = lower
             return self._lowers[suite]
 
-    def host(self, name: str, netns: str, suite: str = "trixie", *, hostname: Optional[str] = None) -> CloudHost:
+    def host(
+        self, name: str, netns: str, suite: str = "trixie", *, hostname: str | None = None
+    ) -> CloudHost:
         """Declare a host ``name`` (``debian-13``/``trixie`` or ``debian-12``/``bookworm``)
         that will boot inside the existing network namespace ``netns``.  Not started yet."""
         if self._closed:
@@ -1092,7 +1300,13 @@ class CloudLab:
         for h in hosts:
             h.start(wait=False)
         with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-            return dict(zip((h.name for h in hosts), pool.map(lambda h: h.wait_ready(timeout), hosts)))
+            return dict(
+                zip(
+                    (h.name for h in hosts),
+                    pool.map(lambda h: h.wait_ready(timeout), hosts),
+                    strict=True,
+                )
+            )
 
     def close(self) -> None:
         if self._closed:
@@ -1113,7 +1327,11 @@ class CloudLab:
         if left:
             errors.append(f"mounts left: {left}")
         else:
-            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(self.workdir)], timeout=300, check=False)
+            subprocess.run(
+                ["rm", "-rf", "--one-file-system", "--", str(self.workdir)],
+                timeout=300,
+                check=False,
+            )
         with _OPEN_LOCK:
             if self in _OPEN:
                 _OPEN.remove(self)
@@ -1196,20 +1414,26 @@ def cleanup_prefix(prefix: str, timeout: float = 60.0) -> list[str]:
                 for pid in cg.pids():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                _wait_until(lambda: not cg.pids(), 5)
+                _wait_until(functools.partial(_cgroup_empty, cg), 5)
                 cg.remove()
     for m in sorted((m for m in _mounts() if m.startswith(str(work) + "/")), key=len, reverse=True):
         subprocess.run(["umount", "-l", m], capture_output=True, timeout=30)
     for d in NSPAWN_RUN_DIRS:
         for p in d.glob(f"{prefix}-*"):
-            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(p)], timeout=30, check=False)
+            subprocess.run(
+                ["rm", "-rf", "--one-file-system", "--", str(p)], timeout=30, check=False
+            )
     if work.exists() and not any(m.startswith(str(work) + "/") for m in _mounts()):
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(work)], timeout=300, check=False)
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(work)], timeout=300, check=False
+        )
     return leftovers(prefix)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.cloud.nspawn", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m lab.cloud.nspawn", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--list", action="store_true", help="list prefixes with leftovers")
     ap.add_argument("--cleanup", metavar="PREFIX", help="remove what run PREFIX left behind")
     args = ap.parse_args(argv)

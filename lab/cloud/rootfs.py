@@ -39,8 +39,9 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import IO, Any
 
 #: Bump when the way the image is built changes (forces a rebuild everywhere).
 ROOTFS_VERSION = "4"
@@ -89,7 +90,9 @@ def suite_of(name: str) -> str:
     for suite, version in SUITE_VERSIONS.items():
         if name == version:
             return suite
-    raise ValueError(f"unknown Debian release {name!r}; use one of {sorted(SUITES) + sorted(SUITE_VERSIONS)}")
+    raise ValueError(
+        f"unknown Debian release {name!r}; use one of {sorted(SUITES) + sorted(SUITE_VERSIONS)}"
+    )
 
 
 # --------------------------------------------------------------------------- mirror
@@ -119,7 +122,7 @@ class Mirror:
 def _apt_source_uris() -> list[str]:
     """All ``deb`` URIs from /etc/apt/sources.list and sources.list.d (both formats)."""
     uris: list[str] = []
-    files = ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*"))
+    files = ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*"))]
     for path in files:
         try:
             text = Path(path).read_text()
@@ -133,7 +136,10 @@ def _apt_source_uris() -> list[str]:
                         continue
                     k, v = line.split(":", 1)
                     fields[k.strip().lower()] = v.strip()
-                if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
+                if (
+                    "deb" in fields.get("types", "").split()
+                    and fields.get("enabled", "yes") != "no"
+                ):
                     uris.extend(fields.get("uris", "").split())
         elif path.endswith(".list"):
             for line in text.splitlines():
@@ -174,7 +180,7 @@ def apt_mirror() -> Mirror:
     return Mirror(url=url, security_url=security)
 
 
-def mirror_reachable(mirror: Mirror, suite: str = "trixie", timeout: float = 10.0) -> Optional[str]:
+def mirror_reachable(mirror: Mirror, suite: str = "trixie", timeout: float = 10.0) -> str | None:
     """None when ``<mirror>/dists/<suite>/InRelease`` answers 200, else the reason."""
     import urllib.request
 
@@ -185,7 +191,7 @@ def mirror_reachable(mirror: Mirror, suite: str = "trixie", timeout: float = 10.
             if resp.status == 200:
                 return None
             return f"{url} answered HTTP {resp.status}"
-    except Exception as exc:  # noqa: BLE001 - any failure is a reason to skip
+    except Exception as exc:
         return f"{url} unreachable: {exc}"
 
 
@@ -200,7 +206,7 @@ class RootfsImage:
     tarball: Path
     built: bool  #: True when this call ran debootstrap (cold)
     seconds: float  #: wall time of this call (build or cache check)
-    cold_seconds: Optional[float] = None  #: how long the last cold build of this tarball took
+    cold_seconds: float | None = None  #: how long the last cold build of this tarball took
 
     @property
     def size_bytes(self) -> int:
@@ -224,7 +230,7 @@ def ensure_rootfs(
     suite: str,
     *,
     cache_dir: Path | str = DEFAULT_CACHE_DIR,
-    mirror: Optional[Mirror] = None,
+    mirror: Mirror | None = None,
     force: bool = False,
     log: Log = _nolog,
 ) -> RootfsImage:
@@ -249,35 +255,39 @@ def ensure_rootfs(
             except (OSError, ValueError):
                 have = None
             if have == want:
-                return RootfsImage(suite, tar, False, time.monotonic() - t0, _cold_seconds(cache, suite))
+                return RootfsImage(
+                    suite, tar, False, time.monotonic() - t0, _cold_seconds(cache, suite)
+                )
             log(f"rootfs {suite}: stamp changed ({have} -> {want}), rebuilding")
         _build(suite, mirror, tar, cache, log)
         seconds = time.monotonic() - t0
         (cache / f"rootfs-{suite}.info.json").write_text(
-            json.dumps({"build_seconds": round(seconds, 1), "built_at": time.time()}) + "\n")
+            json.dumps({"build_seconds": round(seconds, 1), "built_at": time.time()}) + "\n"
+        )
         tmp = stamp_file.with_suffix(".stamp.tmp")
         tmp.write_text(json.dumps(want, indent=1) + "\n")
         os.replace(tmp, stamp_file)
     return RootfsImage(suite, tar, True, seconds, seconds)
 
 
-def _cold_seconds(cache: Path, suite: str) -> Optional[float]:
+def _cold_seconds(cache: Path, suite: str) -> float | None:
     try:
         return float(json.loads((cache / f"rootfs-{suite}.info.json").read_text())["build_seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _flock(f, timeout: float) -> None:
+def _flock(f: IO[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while True:
+    for _ in range(int(timeout / 0.5) + 1):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"could not lock {f.name} within {timeout:.0f}s")
+                break
             time.sleep(0.5)
+    raise TimeoutError(f"could not lock {f.name} within {timeout:.0f}s")
 
 
 def _build(suite: str, mirror: Mirror, tar: Path, cache: Path, log: Log) -> None:
@@ -297,16 +307,29 @@ def _build(suite: str, mirror: Mirror, tar: Path, cache: Path, log: Log) -> None
         ]
         log(f"rootfs {suite}: {' '.join(cmd)}")
         with open(work / "debootstrap.log", "wb") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=DEBOOTSTRAP_TIMEOUT)
+            proc = subprocess.run(
+                cmd, stdout=out, stderr=subprocess.STDOUT, timeout=DEBOOTSTRAP_TIMEOUT
+            )
         if proc.returncode != 0:
             tail = (work / "debootstrap.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"debootstrap {suite} failed (rc={proc.returncode}):\n{tail}")
         _customize(root, suite, mirror)
         tmp_tar = cache / f".rootfs-{suite}.tar.tmp"
         subprocess.run(
-            ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls",
-             "-C", str(root), "-cf", str(tmp_tar), "."],
-            check=True, timeout=600,
+            [
+                "tar",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--acls",
+                "-C",
+                str(root),
+                "-cf",
+                str(tmp_tar),
+                ".",
+            ],
+            check=True,
+            timeout=600,
         )
         os.replace(tmp_tar, tar)
         log(f"rootfs {suite}: wrote {tar} ({tar.stat().st_size // (1 << 20)} MiB)")
@@ -353,8 +376,14 @@ def _customize(root: Path, suite: str, mirror: Mirror) -> None:
     # Units that only disturb a container: apt timers take the dpkg lock at random
     # times; a getty on the console only costs memory.
     systemd = root / "etc/systemd/system"
-    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "console-getty.service",
-                 "getty@tty1.service", "e2scrub_reap.service", "e2scrub_all.timer"):
+    for unit in (
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "console-getty.service",
+        "getty@tty1.service",
+        "e2scrub_reap.service",
+        "e2scrub_all.timer",
+    ):
         link = systemd / unit
         if link.exists() or link.is_symlink():
             link.unlink()
@@ -372,19 +401,31 @@ def extract(tarball: Path | str, dest: Path | str, timeout: float = 600) -> None
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls",
-         "-C", str(dest), "-xf", str(tarball)],
-        check=True, timeout=timeout,
+        [
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "-C",
+            str(dest),
+            "-xf",
+            str(tarball),
+        ],
+        check=True,
+        timeout=timeout,
     )
 
 
 def _rm_tree(path: Path) -> None:
     """``rm -rf --one-file-system``: never follows into mounts left inside."""
     if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False, timeout=600)
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", str(path)], check=False, timeout=600
+        )
 
 
-def build_all(suites: Iterable[str] = ("trixie", "bookworm"), **kw) -> list[RootfsImage]:
+def build_all(suites: Iterable[str] = ("trixie", "bookworm"), **kw: Any) -> list[RootfsImage]:
     """Build/check several suites in parallel threads (debootstrap is I/O bound)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -397,5 +438,14 @@ if __name__ == "__main__":  # python -m lab.cloud.rootfs [suite...]
     import sys
 
     for img in build_all(sys.argv[1:] or ("trixie", "bookworm"), log=print):
-        print(json.dumps({"bench": "cloud.rootfs", "suite": img.suite, "built": img.built,
-                          "seconds": round(img.seconds, 2), "tarball": str(img.tarball)}))
+        print(
+            json.dumps(
+                {
+                    "bench": "cloud.rootfs",
+                    "suite": img.suite,
+                    "built": img.built,
+                    "seconds": round(img.seconds, 2),
+                    "tarball": str(img.tarball),
+                }
+            )
+        )

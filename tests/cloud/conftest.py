@@ -136,16 +136,34 @@ class TestNet:
             _ip("-n", self.switch, "link", "set", "br0", "up")
             # Bridged frames of this switch never traverse an iptables FORWARD chain: the
             # br_netfilter hooks are per namespace and we switch them off here (only here).
-            for key in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"):
+            for key in (
+                "bridge-nf-call-iptables",
+                "bridge-nf-call-ip6tables",
+                "bridge-nf-call-arptables",
+            ):
                 subprocess.run(
                     ["ip", "netns", "exec", self.switch, "sysctl", "-qw", f"net.bridge.{key}=0"],
-                    capture_output=True, timeout=15, check=False,
+                    capture_output=True,
+                    timeout=15,
+                    check=False,
                 )
             for n, name in enumerate(hosts, start=10):
                 ns = f"{prefix}-{name}"
                 self._add_ns(ns)
-                _ip("-n", self.switch, "link", "add", f"v-{name}"[:15], "type", "veth",
-                    "peer", "name", "eth0", "netns", ns)
+                _ip(
+                    "-n",
+                    self.switch,
+                    "link",
+                    "add",
+                    f"v-{name}"[:15],
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns,
+                )
                 _ip("-n", self.switch, "link", "set", f"v-{name}"[:15], "master", "br0", "up")
                 addr = f"{SUBNET}.{n}"
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
@@ -171,7 +189,10 @@ class TestNet:
                     os.kill(int(pid), signal.SIGKILL)
             deadline = time.monotonic() + 5
             for _ in range(50):
-                if not _ip("netns", "pids", ns, check=False).stdout.split() or time.monotonic() > deadline:
+                if (
+                    not _ip("netns", "pids", ns, check=False).stdout.split()
+                    or time.monotonic() > deadline
+                ):
                     break
                 time.sleep(0.1)
             _ip("netns", "del", ns, check=False)
@@ -179,9 +200,17 @@ class TestNet:
         return problems
 
     def leftovers(self) -> list[str]:
-        left = [f"netns {p.name}" for p in NETNS_DIR.glob(f"{self.prefix}-*")] if NETNS_DIR.is_dir() else []
+        left = (
+            [f"netns {p.name}" for p in NETNS_DIR.glob(f"{self.prefix}-*")]
+            if NETNS_DIR.is_dir()
+            else []
+        )
         links = _ip("-o", "link", "show", check=False).stdout
-        left += [f"root link {ln.split(':')[1].strip()}" for ln in links.splitlines() if self.prefix in ln]
+        left += [
+            f"root link {ln.split(':')[1].strip()}"
+            for ln in links.splitlines()
+            if self.prefix in ln
+        ]
         return left
 
 

@@ -63,10 +63,18 @@ def images(cloud_prefix: str, bench: Bench) -> dict[str, Any]:
     first_total = time.monotonic() - t0
     again = build_all(suites)
     for img, img2 in zip(first, again, strict=True):
-        assert not img2.built, f"{img.suite}: second ensure_rootfs rebuilt instead of reusing the cache"
+        assert not img2.built, (
+            f"{img.suite}: second ensure_rootfs rebuilt instead of reusing the cache"
+        )
         if img.cold_seconds is not None:
-            bench.record("rootfs_build_cold", img.cold_seconds, "s", suite=img.suite,
-                         built_now=img.built, mib=img.size_bytes >> 20)
+            bench.record(
+                "rootfs_build_cold",
+                img.cold_seconds,
+                "s",
+                suite=img.suite,
+                built_now=img.built,
+                mib=img.size_bytes >> 20,
+            )
         bench.record("rootfs_cached", img2.seconds, "s", suite=img.suite)
     if any(i.built for i in first):
         bench.record("rootfs_build_parallel_wall", first_total, "s", suites=suites)
@@ -74,27 +82,47 @@ def images(cloud_prefix: str, bench: Bench) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cloud(cloud_prefix: str, images: dict[str, Any],
-          make_test_net: Callable[[list[str]], TestNet], bench: Bench) -> Iterator[Cloud]:
+def cloud(
+    cloud_prefix: str,
+    images: dict[str, Any],
+    make_test_net: Callable[[list[str]], TestNet],
+    bench: Bench,
+) -> Iterator[Cloud]:
     net = make_test_net(list(HOSTS))
     with CloudLab(prefix=cloud_prefix) as lab:
         hosts = {name: lab.host(name, net.netns[name], release) for name, release in HOSTS.items()}
         t0 = time.monotonic()
         timings = lab.boot(*hosts.values())
-        bench.record("boot_parallel_wall", time.monotonic() - t0, "s", hosts=len(hosts),
-                     note="incl. rootfs extraction + overlay + host keys")
+        bench.record(
+            "boot_parallel_wall",
+            time.monotonic() - t0,
+            "s",
+            hosts=len(hosts),
+            note="incl. rootfs extraction + overlay + host keys",
+        )
         for name, t in timings.items():
-            bench.record("boot_to_ssh", t.ssh_ready, "s", host=name, release=HOSTS[name],
-                         system_ready=round(t.system_ready, 3), state=t.state, mode=lab.mode)
+            bench.record(
+                "boot_to_ssh",
+                t.ssh_ready,
+                "s",
+                host=name,
+                release=HOSTS[name],
+                system_ready=round(t.system_ready, 3),
+                state=t.state,
+                mode=lab.mode,
+            )
         yield Cloud(lab, net, hosts)
     net.close()
 
 
 def test_ssh_root_by_key_and_systemd_running(cloud: Cloud) -> None:
-    out = cloud.each(lambda h: h.ssh(
-        ". /etc/os-release; echo $VERSION_ID; id -un; hostname; systemctl is-system-running; "
-        "systemd-detect-virt; systemctl is-active ssh dbus; test -s /etc/machine-id && cat /etc/machine-id"
-    ).stdout.split())
+    out = cloud.each(
+        lambda h: h.ssh(
+            ". /etc/os-release; echo $VERSION_ID; id -un; hostname; systemctl is-system-running; "
+            "systemd-detect-virt; systemctl is-active ssh dbus; "
+            "test -s /etc/machine-id && cat /etc/machine-id"
+        ).stdout.split()
+    )
     ids = set()
     for name, words in out.items():
         version, user, hostname, state, virt, ssh_state, dbus_state, machine_id = words
@@ -106,9 +134,14 @@ def test_ssh_root_by_key_and_systemd_running(cloud: Cloud) -> None:
         ids.add(machine_id)
     assert len(ids) == len(cloud.hosts), "hosts share a machine-id"
     # Password logins are refused: root gets in by the generated key only.
-    sshd = cloud.each(lambda h: h.ssh("sshd -T | grep -Ei '^(permitrootlogin|passwordauthentication) '").stdout)
+    sshd = cloud.each(
+        lambda h: h.ssh("sshd -T | grep -Ei '^(permitrootlogin|passwordauthentication) '").stdout
+    )
     for text in sshd.values():
-        assert "permitrootlogin without-password" in text or "permitrootlogin prohibit-password" in text
+        assert (
+            "permitrootlogin without-password" in text
+            or "permitrootlogin prohibit-password" in text
+        )
         assert "passwordauthentication no" in text
 
 
@@ -124,17 +157,26 @@ def test_hosts_live_in_their_namespace(cloud: Cloud) -> None:
         r = h.ssh("hostname", check=False)
         assert r.returncode == 0
         ssh_on_addr = h.ssh_argv("hostname", address=addr)
-        assert subprocess.run(ssh_on_addr, capture_output=True, text=True, timeout=30).stdout.strip() == name
+        assert (
+            subprocess.run(ssh_on_addr, capture_output=True, text=True, timeout=30).stdout.strip()
+            == name
+        )
 
 
 def test_provisioning_privileges(cloud: Cloud) -> None:
     """What the remote steps need: add an address (CAP_NET_ADMIN) and set net sysctls."""
     for n, h in enumerate(cloud.hosts.values()):
         fip = f"198.18.1.{10 + n}"
-        h.ssh(f"ip addr add {fip}/32 dev eth0 && ip -o addr show dev eth0 | grep -q {fip} && "
-              f"ip addr del {fip}/32 dev eth0")
-        assert h.ssh("sysctl -w net.ipv4.ip_nonlocal_bind=1 && sysctl -n net.ipv4.ip_nonlocal_bind"
-                     ).stdout.split()[-1] == "1"
+        h.ssh(
+            f"ip addr add {fip}/32 dev eth0 && ip -o addr show dev eth0 | grep -q {fip} && "
+            f"ip addr del {fip}/32 dev eth0"
+        )
+        assert (
+            h.ssh(
+                "sysctl -w net.ipv4.ip_nonlocal_bind=1 && sysctl -n net.ipv4.ip_nonlocal_bind"
+            ).stdout.split()[-1]
+            == "1"
+        )
 
 
 def test_only_the_mirror_is_reachable(cloud: Cloud) -> None:
@@ -143,8 +185,10 @@ def test_only_the_mirror_is_reachable(cloud: Cloud) -> None:
     h = cloud.hosts["deb13"]
     direct = h.ssh(f"curl -sS -m 5 -o /dev/null http://{mirror_ip}/", check=False)
     assert direct.returncode != 0, "host reached the mirror directly: it must have no route out"
-    other = h.ssh("curl -s -m 10 -o /dev/null -w '%{http_code}' -x http://127.0.0.1:3142 "
-                  "http://example.org/", check=False)
+    other = h.ssh(
+        "curl -s -m 10 -o /dev/null -w '%{http_code}' -x http://127.0.0.1:3142 http://example.org/",
+        check=False,
+    )
     assert other.stdout.strip() == "403", f"proxy let a non-mirror host through: {other}"
     assert h.ssh(f"getent hosts {mirror_host}", check=False).returncode != 0, "DNS works inside?"
 
@@ -158,20 +202,34 @@ def test_apt_install_haproxy_from_mirror(cloud: Cloud, bench: Bench) -> None:
     took = cloud.each(install)
     for name, seconds in took.items():
         bench.record("apt_install_haproxy", seconds, "s", host=name, release=HOSTS[name])
-    bench.record("mirror_proxy", cloud.lab.proxy.stats["requests"], "requests", **cloud.lab.proxy.stats)
-    states = cloud.each(lambda h: h.ssh("systemctl is-active haproxy; systemctl is-enabled haproxy; "
-                                        "haproxy -v | head -1").stdout.splitlines())
+    bench.record(
+        "mirror_proxy", cloud.lab.proxy.stats["requests"], "requests", **cloud.lab.proxy.stats
+    )
+    states = cloud.each(
+        lambda h: h.ssh(
+            "systemctl is-active haproxy; systemctl is-enabled haproxy; haproxy -v | head -1"
+        ).stdout.splitlines()
+    )
     for name, (active, enabled, version) in states.items():
         assert (active, enabled) == ("active", "enabled"), f"{name}: haproxy {active}/{enabled}"
         assert version.startswith("HAProxy version"), version
     for name, m in cloud.each(lambda h: h.memory()).items():
-        bench.record("memory_after_haproxy", m.get("cgroup_anon_bytes", m["rss_sum_bytes"]) / 2**20,
-                     "MiB", host=name, **{k: v for k, v in m.items()})
+        bench.record(
+            "memory_after_haproxy",
+            m.get("cgroup_anon_bytes", m["rss_sum_bytes"]) / 2**20,
+            "MiB",
+            host=name,
+            **{k: v for k, v in m.items()},
+        )
 
 
 def test_reboot_brings_services_back(cloud: Cloud, bench: Bench) -> None:
-    before = cloud.each(lambda h: h.ssh("echo kept > /root/marker; cat /etc/machine-id; "
-                                        "systemctl show -p MainPID --value haproxy").stdout.split())
+    before = cloud.each(
+        lambda h: h.ssh(
+            "echo kept > /root/marker; cat /etc/machine-id; "
+            "systemctl show -p MainPID --value haproxy"
+        ).stdout.split()
+    )
 
     def reboot(h: CloudHost) -> float:
         return h.reboot().ssh_ready
@@ -179,8 +237,12 @@ def test_reboot_brings_services_back(cloud: Cloud, bench: Bench) -> None:
     took = cloud.each(reboot)
     for name, seconds in took.items():
         bench.record("reboot_to_ssh", seconds, "s", host=name, boots=cloud.hosts[name].boots)
-    after = cloud.each(lambda h: h.ssh("cat /root/marker /etc/machine-id; systemctl is-active haproxy; "
-                                       "systemctl is-system-running --wait").stdout.split())
+    after = cloud.each(
+        lambda h: h.ssh(
+            "cat /root/marker /etc/machine-id; systemctl is-active haproxy; "
+            "systemctl is-system-running --wait"
+        ).stdout.split()
+    )
     for name, (marker, machine_id, active, state) in after.items():
         assert marker == "kept", "root file system changed across the reboot"
         assert machine_id == before[name][0]
@@ -194,10 +256,16 @@ def test_reboot_brings_services_back(cloud: Cloud, bench: Bench) -> None:
 def test_memory_per_host(cloud: Cloud, bench: Bench) -> None:
     for name, m in cloud.each(lambda h: h.memory()).items():
         assert m["processes"] > 3
-        bench.record("memory_per_host", m.get("cgroup_anon_bytes", m["rss_sum_bytes"]) / 2**20, "MiB",
-                     host=name, release=HOSTS[name], peak_incl_cache_mib=round(
-                         cloud.hosts[name].memory_peak_bytes() / 2**20, 1),
-                     rss_sum_mib=round(m["rss_sum_bytes"] / 2**20, 1), processes=m["processes"])
+        bench.record(
+            "memory_per_host",
+            m.get("cgroup_anon_bytes", m["rss_sum_bytes"]) / 2**20,
+            "MiB",
+            host=name,
+            release=HOSTS[name],
+            peak_incl_cache_mib=round(cloud.hosts[name].memory_peak_bytes() / 2**20, 1),
+            rss_sum_mib=round(m["rss_sum_bytes"] / 2**20, 1),
+            processes=m["processes"],
+        )
 
 
 def test_teardown_leaves_nothing(cloud: Cloud) -> None:
