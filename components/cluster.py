@@ -123,8 +123,13 @@ class HaWebCluster(pulumi.ComponentResource):
         def labels(role: str, **extra: str) -> dict[str, str]:
             return {"cluster": cluster, "role": role, **extra}
 
-        def child(**kwargs: object) -> pulumi.ResourceOptions:
-            return pulumi.ResourceOptions(parent=self, **kwargs)  # type: ignore[arg-type]
+        def child(
+            depends_on: list[pulumi.Resource] | None = None,
+            ignore_changes: list[str] | None = None,
+        ) -> pulumi.ResourceOptions:
+            return pulumi.ResourceOptions(
+                parent=self, depends_on=depends_on, ignore_changes=ignore_changes
+            )
 
         # --- secrets: configured, or generated once and kept in state -----------------
         self.stats_password = pulumi.Output.secret(
@@ -302,8 +307,9 @@ class HaWebCluster(pulumi.ComponentResource):
         )
 
 
-def _first_private_ip(networks: Sequence[hcloud.outputs.ServerNetwork] | None) -> str | None:
+def _first_private_ip(networks: Sequence[hcloud.outputs.ServerNetwork] | None) -> str:
+    """The server's address in the cluster network (it is attached to exactly one)."""
     for net in networks or ():
         if net.ip:
             return net.ip
-    return None
+    return ""

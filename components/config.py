@@ -173,8 +173,13 @@ def _parse_net(key: str, value: str) -> ipaddress.IPv4Network:
 
 def parse_ssh_public_key(value: str) -> str:
     """Return the key type if `value` is one OpenSSH public key line, else raise."""
-    parts = value.strip().split()
     fix = "give one OpenSSH public key line, e.g. the content of ~/.ssh/id_ed25519.pub"
+    if "PRIVATE KEY" in value:
+        # Never echo a private key into logs; say what it is instead.
+        raise SettingsError(
+            "sshPublicKey", "<a private key, not shown>", f"that is a private key; {fix}"
+        )
+    parts = value.strip().split()
     _check(len(parts) >= 2 and "\n" not in value.strip(), "sshPublicKey", value, fix)
     key_type, blob = parts[0], parts[1]
     _check(key_type in SSH_KEY_TYPES, "sshPublicKey", value, f"unknown key type; {fix}")
@@ -287,18 +292,14 @@ def validate(s: Settings) -> None:
         s.health_check_path,
         "use an absolute URL path to a file, e.g. /check.txt",
     )
-    _check(
-        bool(_USER_RE.match(s.stats_user)), "statsUser", s.stats_user, "use a plain user name"
-    )
+    _check(bool(_USER_RE.match(s.stats_user)), "statsUser", s.stats_user, "use a plain user name")
     _check(
         re.match(r"^https?://[^\s'\"]+$", s.hetzner_api_endpoint) is not None,
         "hetznerApiEndpoint",
         s.hetzner_api_endpoint,
         "give an http(s) URL such as https://api.hetzner.cloud/v1",
     )
-    _check(
-        1 <= s.vrrp_router_id <= 255, "vrrpRouterId", s.vrrp_router_id, "use 1 to 255"
-    )
+    _check(1 <= s.vrrp_router_id <= 255, "vrrpRouterId", s.vrrp_router_id, "use 1 to 255")
     _check(s.vrrp_version in (2, 3), "vrrpVersion", s.vrrp_version, "use 2 or 3")
     if s.vrrp_version == 2:
         _check(

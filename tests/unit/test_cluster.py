@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import inspect
 import ipaddress
 from collections import Counter
+from typing import Any
 
 import pulumi
 import pulumi_hcloud as hcloud
@@ -37,7 +40,7 @@ FIP_ASSIGNMENT = "hcloud:index/floatingIpAssignment:FloatingIpAssignment"
 RANDOM_PASSWORD = "random:index/randomPassword:RandomPassword"
 
 #: SDK class per type token, to ask the SDK itself which resources take labels.
-SDK_CLASSES = {
+SDK_CLASSES: dict[str, Any] = {
     SERVER: hcloud.Server,
     NETWORK: hcloud.Network,
     SUBNET: hcloud.NetworkSubnet,
@@ -386,6 +389,8 @@ def test_plaintext_finder_sees_leaks_and_respects_secret_wrappers() -> None:
     }
     assert find_plaintext({"a": [{"b": "xx key xx"}]}, "key") == [".a[0].b"]
     assert find_plaintext({"a": wrapped}, "key") == []
+    blob = base64.b64encode(gzip.compress(b"stats auth admin:key\n")).decode()
+    assert find_plaintext({"stdin": blob}, "key") == [".stdin"]
 
 
 # --- the program (__main__.py) --------------------------------------------------------------

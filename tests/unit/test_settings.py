@@ -1,0 +1,309 @@
+"""Settings: defaults, config loading, every bad input, and the project/stack YAML files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pulumi
+import pytest
+import yaml
+
+from components import config as cfgmod
+from components.config import PROJECT, Settings, SettingsError, load_settings
+from tests.conftest import (
+    ADMIN_CIDRS,
+    FAILOVER_TOKEN,
+    PRIVATE_KEY,
+    PUBLIC_KEY,
+    ROOT,
+    RecordingMonitor,
+    ed25519_public_key,
+    is_secret,
+    make_settings,
+    resolve,
+    run,
+    run_main,
+    valid_config,
+)
+
+SECRET_CONFIG_KEYS = {"sshPrivateKey", "failoverToken", "statsPassword", "vrrpPassword"}
+#: Every config key the program reads (config.py's own tables plus its secret keys).
+ALL_KEYS = (
+    set(cfgmod._STR_FIELDS)
+    | set(cfgmod._INT_FIELDS)
+    | set(cfgmod._FLOAT_FIELDS)
+    | set(cfgmod._LIST_FIELDS)
+    | set(cfgmod.REQUIRED_KEYS)
+    | SECRET_CONFIG_KEYS
+)
+
+
+def load(monitor: RecordingMonitor, **overrides: Any) -> cfgmod.StackConfig:
+    config, secret_keys = valid_config(**overrides)
+    pulumi.runtime.set_all_config(config, secret_keys)
+    return run(load_settings)
+
+
+# --- defaults and loading -------------------------------------------------------------------
+
+
+def test_minimal_config_gives_the_documented_defaults(monitor: RecordingMonitor) -> None:
+    s = load(monitor).settings
+    assert (s.location, s.server_type, s.image, s.web_count) == ("nbg1", "cx23", "debian-13", 2)
+    assert s.network_zone == "eu-central"
+    assert s.admin_cidrs == ADMIN_CIDRS
+    assert s.lb_ips == ("10.0.1.11", "10.0.1.12")
+    assert s.web_ips == ("10.0.1.21", "10.0.1.22")
+
+
+def test_values_are_parsed_from_config_strings(monitor: RecordingMonitor) -> None:
+    s = load(
+        monitor,
+        location="ash",
+        webCount="3",
+        vrrpAdvertInterval="1",
+        vrrpVersion="2",
+        webPrivateIps=json.dumps(["10.0.1.50", "10.0.1.51", "10.0.1.52"]),
+    ).settings
+    assert s.network_zone == "us-east"
+    assert s.web_count == 3 and s.vrrp_version == 2 and s.vrrp_advert_interval == 1.0
+    assert s.web_ips == ("10.0.1.50", "10.0.1.51", "10.0.1.52")
+
+
+def test_secrets_are_read_as_secrets(monitor: RecordingMonitor) -> None:
+    stack = load(monitor, statsPassword="s3cret-stats", vrrpPassword="vrrp1234")
+    secrets = stack.secrets
+    for output, value in (
+        (secrets.ssh_private_key, PRIVATE_KEY),
+        (secrets.failover_token, FAILOVER_TOKEN),
+        (secrets.stats_password, "s3cret-stats"),
+        (secrets.vrrp_password, "vrrp1234"),
+    ):
+        assert is_secret(output)
+        assert resolve(output) == value
+    assert "PRIVATE" not in repr(stack) and FAILOVER_TOKEN not in repr(stack)
+
+
+def test_blank_optional_secrets_mean_generate(monitor: RecordingMonitor) -> None:
+    """Pulumi.yaml declares them with default "" (else the CLI would require them)."""
+    stack = load(monitor, statsPassword="", vrrpPassword="  ")
+    assert stack.secrets.stats_password is None
+    assert stack.secrets.vrrp_password is None
+
+
+def test_failover_token_falls_back_to_the_provider_token(monitor: RecordingMonitor) -> None:
+    stack = load(monitor, failoverToken="", **{"hcloud:token": "provider-token-abc"})
+    assert is_secret(stack.secrets.failover_token)
+    assert resolve(stack.secrets.failover_token) == "provider-token-abc"
+
+
+# --- every bad input fails before a single resource exists -----------------------------------
+
+BAD_INPUTS: list[tuple[str, dict[str, Any], str, str]] = [
+    # (case, config overrides, key named in the error, bad value shown in the error)
+    ("unknown location", {"location": "nbg9"}, "location", "nbg9"),
+    ("admin CIDR malformed", {"adminCidrs": ["198.51.100.300/32"]}, "adminCidrs", "300"),
+    ("admin CIDR host bits", {"adminCidrs": ["198.51.100.7/24"]}, "adminCidrs", "198.51.100.7/24"),
+    ("admin CIDR world-open", {"adminCidrs": ["0.0.0.0/0"]}, "adminCidrs", "0.0.0.0/0"),
+    ("network CIDR malformed", {"networkCidr": "10.0.0.0/33"}, "networkCidr", "10.0.0.0/33"),
+    ("subnet CIDR malformed", {"subnetCidr": "10.0.1/24x"}, "subnetCidr", "10.0.1/24x"),
+    ("subnet outside network", {"subnetCidr": "10.1.1.0/24"}, "subnetCidr", "10.1.1.0/24"),
+    (
+        "LB private IPs collide",
+        {"lbPrivateIps": ["10.0.1.11", "10.0.1.11"]},
+        "lbPrivateIps",
+        "10.0.1.11",
+    ),
+    (
+        "web IP collides with an LB",
+        {"webPrivateIps": ["10.0.1.12", "10.0.1.30"]},
+        "webPrivateIps",
+        "10.0.1.12",
+    ),
+    (
+        "LB IP outside the subnet",
+        {"lbPrivateIps": ["10.0.2.11", "10.0.1.12"]},
+        "lbPrivateIps",
+        "10.0.2.11",
+    ),
+    (
+        "web IP outside the subnet",
+        {"webPrivateIps": ["10.0.1.21", "10.0.9.22"]},
+        "webPrivateIps",
+        "10.0.9.22",
+    ),
+    (
+        "web IP is the gateway",
+        {"webPrivateIps": ["10.0.1.1", "10.0.1.22"]},
+        "webPrivateIps",
+        "10.0.1.1",
+    ),
+    ("webCount zero", {"webCount": "0"}, "webCount", "0"),
+    ("webCount negative", {"webCount": "-1"}, "webCount", "-1"),
+    ("webCount not a number", {"webCount": "two"}, "webCount", "two"),
+    ("sshPublicKey missing", {"sshPublicKey": None}, "sshPublicKey", "None"),
+    ("sshPublicKey blank", {"sshPublicKey": ""}, "sshPublicKey", "''"),
+    ("adminCidrs missing", {"adminCidrs": None}, "adminCidrs", "None"),
+    ("adminCidrs empty", {"adminCidrs": []}, "adminCidrs", "[]"),
+    ("sshPrivateKey missing", {"sshPrivateKey": None}, "sshPrivateKey", "None"),
+    ("sshPrivateKey blank", {"sshPrivateKey": ""}, "sshPrivateKey", "None"),
+    ("failoverToken missing", {"failoverToken": None}, "failoverToken", "None"),
+    ("failoverToken blank", {"failoverToken": ""}, "failoverToken", "None"),
+    ("public key garbage", {"sshPublicKey": "not a key"}, "sshPublicKey", "not a key"),
+    (
+        "public key bad base64",
+        {"sshPublicKey": "ssh-ed25519 AAAA!!notbase64 me@host"},
+        "sshPublicKey",
+        "AAAA!!notbase64",
+    ),
+    (
+        "public key type mismatch",
+        {"sshPublicKey": PUBLIC_KEY.replace("ssh-ed25519", "ssh-rsa", 1)},
+        "sshPublicKey",
+        "ssh-rsa",
+    ),
+    (
+        "public key is two keys",
+        {"sshPublicKey": PUBLIC_KEY + "\n" + ed25519_public_key(9)},
+        "sshPublicKey",
+        "ssh-ed25519",
+    ),
+    (
+        "private key pasted as public",
+        {"sshPublicKey": PRIVATE_KEY},
+        "sshPublicKey",
+        "private key",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "shown"),
+    [pytest.param(o, k, v, id=case) for case, o, k, v in BAD_INPUTS],
+)
+def test_bad_input_fails_naming_the_key_before_any_resource(
+    monitor: RecordingMonitor, overrides: dict[str, Any], key: str, shown: str
+) -> None:
+    config, secret_keys = valid_config(**overrides)
+    pulumi.runtime.set_all_config(config, secret_keys)
+    with pytest.raises(SettingsError) as raised:
+        run_main()  # the whole program, as `pulumi up` runs it
+    err = raised.value
+    assert err.key == key
+    assert f"'{PROJECT}:{key}'" in str(err)
+    assert shown in str(err)
+    # Never echo a secret back in an error message.
+    assert PRIVATE_KEY.splitlines()[1] not in str(err)
+    assert FAILOVER_TOKEN not in str(err)
+    assert monitor.registrations == []
+
+
+def test_the_same_config_without_the_fault_deploys(monitor: RecordingMonitor) -> None:
+    """Guards the test above: the base config must not fail on its own."""
+    config, secret_keys = valid_config()
+    pulumi.runtime.set_all_config(config, secret_keys)
+    run_main()
+    assert len(monitor.registrations) > 10
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [
+        ("location", "mars1", "location"),
+        ("web_count", 0, "webCount"),
+        ("subnet_cidr", "192.168.0.0/24", "subnetCidr"),
+        ("admin_cidrs", (), "adminCidrs"),
+        ("lb_private_ips", ("10.0.1.11",), "lbPrivateIps"),
+        ("web_private_ips", ("10.0.1.21",), "webPrivateIps"),
+        ("vrrp_router_id", 0, "vrrpRouterId"),
+        ("vrrp_version", 2, "vrrpAdvertInterval"),  # 0.3 s is not a whole second
+        ("balance", "random", "balance"),
+        ("cluster_name", "Bad_Name", "clusterName"),
+    ],
+)
+def test_settings_built_directly_are_validated_too(field: str, value: Any, key: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        make_settings(**{field: value})
+    assert raised.value.key == key
+
+
+def test_settings_are_frozen() -> None:
+    s = make_settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.web_count = 5  # type: ignore[misc]
+
+
+# --- Pulumi.yaml and Pulumi.dev.yaml ----------------------------------------------------------
+
+
+def _project() -> dict[str, Any]:
+    project: dict[str, Any] = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    return project
+
+
+def test_project_file_basics() -> None:
+    project = _project()
+    assert project["name"] == PROJECT
+    assert project["description"]
+    assert project["runtime"] == {
+        "name": "python",
+        "options": {"toolchain": "pip", "virtualenv": ".venv"},
+    }
+
+
+def test_project_declares_every_config_key_with_type_and_description() -> None:
+    declared = _project()["config"]
+    assert set(declared) == ALL_KEYS
+    for key, spec in declared.items():
+        assert spec["type"] in ("string", "integer", "array"), key
+        assert spec.get("description"), key
+        if spec["type"] == "array":
+            assert spec["items"] == {"type": "string"}, key
+
+
+def test_project_defaults_match_the_settings_dataclass() -> None:
+    declared = _project()["config"]
+    attr_of = {
+        **cfgmod._STR_FIELDS,
+        **cfgmod._INT_FIELDS,
+        **cfgmod._FLOAT_FIELDS,
+        **cfgmod._LIST_FIELDS,
+    }
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    for key, attr in attr_of.items():
+        if key in cfgmod.REQUIRED_KEYS:
+            continue
+        default = defaults[attr]
+        declared_default = declared[key]["default"]
+        if isinstance(default, tuple):
+            assert tuple(declared_default) == default, key
+        elif isinstance(default, float):
+            assert float(declared_default) == default, key
+        else:
+            assert declared_default == default, key
+
+
+def test_required_keys_have_no_default_and_only_they_lack_one() -> None:
+    """The CLI treats a typed key without a default as required (and rejects a default on a
+    secret key), so exactly the required keys go without one."""
+    declared = _project()["config"]
+    required = {key for key, spec in declared.items() if "default" not in spec}
+    assert required == {*cfgmod.REQUIRED_KEYS, "sshPrivateKey"}
+    assert declared["sshPrivateKey"].get("secret") is True
+    for key in SECRET_CONFIG_KEYS - {"sshPrivateKey"}:
+        assert declared[key]["default"] == "", key  # blank = unset, see load_settings
+
+
+def test_dev_stack_holds_valid_non_secret_settings() -> None:
+    stack_file = yaml.safe_load((ROOT / "Pulumi.dev.yaml").read_text())["config"]
+    prefix = f"{PROJECT}:"
+    values = {k.removeprefix(prefix): v for k, v in stack_file.items()}
+    assert all(k.startswith(prefix) for k in stack_file)
+    assert not set(values) & SECRET_CONFIG_KEYS  # secrets are never stored in plain text
+    assert set(values) <= ALL_KEYS
+    settings = cfgmod.settings_from_values(values.get)
+    assert settings.admin_cidrs and all(c.startswith("203.0.113.") for c in settings.admin_cidrs)
+    text = (ROOT / "Pulumi.dev.yaml").read_text()
+    assert "REPLACE" in text
