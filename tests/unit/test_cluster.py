@@ -322,9 +322,12 @@ def test_children_are_parented_to_the_component(monitor: RecordingMonitor) -> No
         if reg.type in SDK_CLASSES:
             assert reg.parent == component.urn, reg.name
         else:  # provisioning steps may nest, but always under the component
-            chain = reg
-            while chain.parent != component.urn:
-                chain = monitor.by_urn(chain.parent)
+            ancestors = []
+            parent = reg.parent
+            while parent and parent != component.urn:
+                ancestors.append(parent)
+                parent = next((r.parent for r in monitor.registrations if r.urn == parent), "")
+            assert parent == component.urn, (reg.name, ancestors)
 
 
 # --- secrets ------------------------------------------------------------------------------
