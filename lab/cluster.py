@@ -14,8 +14,8 @@ the daemons in the host namespaces, as children of this process tracked by PID:
 
 Failures for the scenarios: :meth:`kill_haproxy` / :meth:`start_haproxy`,
 :meth:`kill_apache` / :meth:`start_apache`, :meth:`vanish` / :meth:`return_host`
-(all processes SIGKILLed and every link down, then back), :meth:`block_vrrp` /
-:meth:`unblock_vrrp` (split brain).  Every wait is bounded (:func:`wait_for`).
+(all processes SIGKILLed and every link down, then back), :meth:`partition_lbs` /
+:meth:`heal_lbs` (split brain).  Every wait is bounded (:func:`wait_for`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_BASE = Path("/run")
 #: The lab talks to the stats page with this user (Settings default).
 STATS_URL_PATH = "/haproxy?stats"
+#: A locally administered MAC no lab interface has (split brain, see partition_lbs).
+BLACKHOLE_MAC = "02:00:5e:ff:ff:01"
 
 
 def wait_for(
@@ -313,6 +315,9 @@ class LabCluster:
 
     def start_keepalived(self, name: str) -> None:
         root = self.hosts[name].root
+        # pid files of our own instance that we killed (SIGKILL leaves them behind)
+        for pid_file in ("keepalived.pid", "vrrp.pid", "checkers.pid"):
+            (root / "run" / pid_file).unlink(missing_ok=True)
         argv = [
             "keepalived",
             "-n",
@@ -353,30 +358,30 @@ class LabCluster:
         else:
             self.start_apache(name)
 
-    def _private_port(self, name: str) -> str:
-        ports = [p for p in self.lab[name].switch_ports if p.endswith("-v")]
-        if len(ports) != 1:
-            raise LabError(f"{name}: no private switch port in {self.lab[name].switch_ports}")
-        return ports[0]
+    def partition_lbs(self) -> None:
+        """Split brain: no packet between the LBs' private addresses gets through.
 
-    def block_vrrp(self, name: str) -> None:
-        """Drop every VRRP packet arriving at ``name`` (tc ingress filter in its namespace)."""
-        rt = self.hosts[name]
-        iface = rt.host.private_iface
-        assert iface is not None
-        rt.host.run(["tc", "qdisc", "replace", "dev", iface, "ingress"])
-        rt.host.run(
-            [
-                "tc", "filter", "add", "dev", iface, "parent", "ffff:", "protocol", "ip",
-                "prio", "1", "u32", "match", "ip", "protocol", "112", "0xff", "action", "drop",
-            ]
-        )  # fmt: skip
+        Each LB gets a permanent neighbour entry giving its peer a MAC nobody has, so
+        its VRRP adverts reach no one (the peer's kernel drops frames not addressed to
+        it).  This machine has neither nft nor iptables, tc's drop action is missing in
+        this kernel, and keepalived's device-bound socket ignores a blackhole route.
+        The web servers stay reachable from both LBs.
+        """
+        for name in topo.LB_NAMES:
+            peer = next(n for n in topo.LB_NAMES if n != name)
+            iface = self.lab[name].private_iface
+            assert iface is not None
+            self.lab[name].ip(
+                "neigh", "replace", topo.LB_PRIVATE_IPS[peer], "lladdr", BLACKHOLE_MAC,
+                "dev", iface, "nud", "permanent",
+            )  # fmt: skip
 
-    def unblock_vrrp(self, name: str) -> None:
-        rt = self.hosts[name]
-        iface = rt.host.private_iface
-        assert iface is not None
-        rt.host.run(["tc", "qdisc", "del", "dev", iface, "ingress"], check=False)
+    def heal_lbs(self) -> None:
+        for name in topo.LB_NAMES:
+            peer = next(n for n in topo.LB_NAMES if n != name)
+            iface = self.lab[name].private_iface
+            assert iface is not None
+            self.lab[name].ip("neigh", "del", topo.LB_PRIVATE_IPS[peer], "dev", iface, check=False)
 
     # -- observation ---------------------------------------------------------------
     def is_master(self, name: str) -> bool:
@@ -452,7 +457,29 @@ class LabCluster:
                 and all(self.backends_up(n) for n in topo.LB_NAMES if self.running(n, "haproxy"))
             )
 
-        wait_for(settled, timeout, "cluster settled: lb1 sole master with the IP, webs UP")
+        try:
+            wait_for(settled, timeout, "cluster settled: lb1 sole master with the IP, webs UP")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        """Current state, for error messages: masters, API owner, route, backends, logs."""
+        lines = [
+            f"masters={self.masters()} api={self.assigned()} route={self.lab.floating_ip_target()}"
+        ]
+        for name in topo.LB_NAMES:
+            running = {d: self.running(name, d) for d in ("haproxy", "keepalived")}
+            try:
+                backends: Any = self.server_status(name)
+            except (OSError, LabError) as exc:
+                backends = exc
+            lines.append(f"{name}: running={running} backends={backends}")
+            tail = self.daemon_log(name, "keepalived").splitlines()[-12:]
+            lines += [f"  {name} keepalived: {ln}" for ln in tail]
+            lines += [
+                f"  {name} failover: {ln}" for ln in self.failover_log(name).splitlines()[-5:]
+            ]
+        return "\n".join(lines)
 
     def failover_log(self, name: str) -> str:
         path = Path(self.hosts[name].layout.failover_log_file)

@@ -1,0 +1,294 @@
+"""Lab tier: the HA behaviour on the real daemons with the files the program renders.
+
+One cluster (2 LBs, 2 web servers, fake Hetzner API) is shared by the module; every test
+leaves it settled again (lb1 sole master owning the floating IP, every daemon running,
+every web server UP), which the autouse ``settled`` fixture enforces and checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lab.cluster import LabCluster, wait_for
+from lab.netns import requirements_missing
+from lab.topology import CLIENT_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
+from lab.traffic import TrafficStream, fetch, outage
+
+pytestmark = pytest.mark.lab
+LAB_REASON = requirements_missing()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LabCluster]:
+    if LAB_REASON:
+        pytest.skip(f"LAB TIER NOT RUN: {LAB_REASON}")
+    with LabNetwork(web_count=2) as lab, LabCluster(lab) as c:
+        yield c
+
+
+def restore(c: LabCluster) -> None:
+    """Undo whatever a scenario broke, then wait until the cluster has settled."""
+    assert c.api is not None
+    c.api.client.clear_faults()
+    c.heal_lbs()
+    for name in LB_NAMES:
+        c.lab.link_up(name)
+    for web in c.lab.webs:
+        if not c.running(web.name, "apache2"):
+            c.start_apache(web.name)
+    for name in LB_NAMES:
+        if not c.running(name, "haproxy"):
+            c.start_haproxy(name)
+            wait_for(lambda n=name: c.haproxy_healthy(n), 10, f"haproxy on {name}")
+        if not c.running(name, "keepalived"):
+            c.start_keepalived(name)
+    c.wait_settled(20)
+
+
+@pytest.fixture(autouse=True)
+def settled(cluster: LabCluster) -> Iterator[LabCluster]:
+    restore(cluster)
+    yield cluster
+    restore(cluster)
+
+
+def get(c: LabCluster, url: str | None = None, **kw: Any) -> dict[str, Any]:
+    return c.lab.client.call(fetch, url or c.url, **kw)  # type: ignore[no-any-return]
+
+
+def api_calls(c: LabCluster, since: float) -> list[dict[str, Any]]:
+    assert c.api is not None
+    return [x for x in c.api.client.calls() if x["ts"] >= since]
+
+
+def assigns(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [x for x in calls if x["method"] == "POST" and x["path"].endswith("/actions/assign")]
+
+
+def wait_recovered(stream: TrafficStream, since: float, timeout: float = 10.0) -> None:
+    """The stream saw failures after ``since`` and then answers again."""
+
+    def recovered() -> bool:
+        recs = [r for r in stream.records() if r["ts"] >= since]
+        fails = [r["ts"] for r in recs if not r["ok"]]
+        return bool(fails) and any(r["ok"] and r["ts"] > fails[-1] + 0.2 for r in recs)
+
+    wait_for(recovered, timeout, "clients to recover through the new master")
+
+
+def wait_owner(c: LabCluster, lb: str, timeout: float = 10.0) -> None:
+    """The API shows the IP assigned to ``lb`` and the client's route points there."""
+    wait_for(
+        lambda: c.assigned() == lb and c.lab.floating_ip_target() == lb,
+        timeout,
+        f"floating IP assigned and routed to {lb}",
+    )
+
+
+# -- 1 -----------------------------------------------------------------------------------
+def test_round_robin_across_web_servers(cluster: LabCluster) -> None:
+    served = [get(cluster)["served_by"] for _ in range(6)]
+    assert sorted(served) == ["web1"] * 3 + ["web2"] * 3, served
+    assert all(a != b for a, b in itertools.pairwise(served)), served
+
+
+# -- 2 -----------------------------------------------------------------------------------
+def _sticky(c: LabCluster, expect_cookie_value: str) -> None:
+    for _ in range(2):  # each server hands out its own cookie, and keeps its clients
+        first = get(c)
+        assert first["ok"], first
+        owner = first["served_by"]
+        cookie = (first.get("set_cookie") or "").split(";", 1)[0]
+        assert cookie.startswith(f"JSESSIONID={owner}"), first
+        assert expect_cookie_value in ("prefix", "insert")
+        if expect_cookie_value == "prefix":  # the application's cookie, prefixed: web1~<id>
+            assert cookie.startswith(f"JSESSIONID={owner}~") and len(cookie) > 20, cookie
+        else:  # HAProxy's own cookie holds just the server id
+            assert cookie == f"JSESSIONID={owner}", cookie
+        served = {get(c, cookie=cookie)["served_by"] for _ in range(6)}
+        assert served == {owner}, (cookie, served)
+
+
+def test_cookie_stickiness_prefix_mode(cluster: LabCluster) -> None:
+    assert cluster.settings is not None and cluster.settings.cookie_mode == "prefix"
+    _sticky(cluster, "prefix")
+
+
+def test_cookie_stickiness_insert_mode(cluster: LabCluster) -> None:
+    cluster.reconfigure(cookie_mode="insert")
+    try:
+        _sticky(cluster, "insert")
+    finally:
+        cluster.reconfigure(cookie_mode="prefix")
+
+
+# -- 3 -----------------------------------------------------------------------------------
+def test_web_server_loss_fails_no_request(cluster: LabCluster) -> None:
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=15, timeout=1.0)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        cluster.kill_apache("web1")
+        killed = time.time()
+        for lb in LB_NAMES:
+            wait_for(
+                lambda lb=lb: cluster.server_status(lb)["web1"].startswith("DOWN"),
+                5,
+                f"web1 DOWN on {lb}",
+            )
+        time.sleep(0.5)
+        restarted = time.time()
+        cluster.start_apache("web1")
+        wait_for(lambda: cluster.server_status("lb1")["web1"].startswith("UP"), 5, "web1 UP")
+        back = time.time()
+        wait_for(
+            lambda: any(r["served_by"] == "web1" and r["ts"] > back for r in stream.records()),
+            5,
+            "web1 serving again",
+        )
+    finally:
+        records = stream.stop()
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, failed[:5]
+    during = [r for r in records if killed < r["ts"] < restarted]
+    assert during and {r["served_by"] for r in during} == {"web2"}
+
+
+# -- 4 -----------------------------------------------------------------------------------
+def test_haproxy_crash_moves_ip_to_lb2(cluster: LabCluster) -> None:
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=20)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        t0 = time.time()
+        cluster.kill_haproxy("lb1")
+        wait_owner(cluster, "lb2")
+        wait_for(lambda: cluster.masters() == ["lb2"], 5, "lb2 sole VRRP master")
+        wait_recovered(stream, t0)
+    finally:
+        records = stream.stop()
+    posts = assigns(api_calls(cluster, t0))
+    assert posts and posts[-1]["server"] == LB_SERVER_IDS["lb2"] and posts[-1]["status"] == 201
+    assert all(p["server"] == LB_SERVER_IDS["lb2"] for p in posts), posts
+    gap = outage(records, t0)
+    assert gap.recovered and gap.failed > 0
+    assert gap.gap < 5.0, gap
+
+
+# -- 5 -----------------------------------------------------------------------------------
+def test_master_host_vanishes(cluster: LabCluster) -> None:
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=20)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        t0 = time.time()
+        cluster.vanish("lb1")
+        wait_owner(cluster, "lb2")
+        wait_for(lambda: cluster.is_master("lb2"), 5, "lb2 VRRP master")
+        wait_recovered(stream, t0)
+    finally:
+        records = stream.stop()
+    posts = assigns(api_calls(cluster, t0))
+    assert [p["server"] for p in posts if p["status"] == 201] == [LB_SERVER_IDS["lb2"]]
+    gap = outage(records, t0)
+    assert gap.recovered and gap.gap < 5.0, gap
+
+
+# -- 6 -----------------------------------------------------------------------------------
+def test_master_returns_and_takes_ip_back_without_flapping(cluster: LabCluster) -> None:
+    cluster.vanish("lb1")
+    wait_owner(cluster, "lb2")
+    lb2_masters = cluster.vrrp_transitions("lb2", "MASTER")
+    t0 = time.time()
+    cluster.return_host("lb1")
+    cluster.wait_settled(15)
+    time.sleep(3.0)  # watch a quiet window: nothing may move any more
+    calls = api_calls(cluster, t0)
+    posts = [p for p in assigns(calls) if p["status"] == 201]
+    assert [p["server"] for p in posts] == [LB_SERVER_IDS["lb1"]], posts
+    assert cluster.masters() == ["lb1"]
+    assert cluster.assigned() == "lb1" and cluster.lab.floating_ip_target() == "lb1"
+    # lb1 became master once (in its new life); lb2 did not become master again
+    log1 = cluster.daemon_log("lb1", "keepalived")
+    last_start = log1.rfind("Starting Keepalived")
+    assert log1[last_start:].count("Entering MASTER STATE") == 1, log1[last_start:]
+    assert cluster.vrrp_transitions("lb2", "MASTER") == lb2_masters
+
+
+# -- 7 -----------------------------------------------------------------------------------
+def test_api_transient_failures_are_retried(cluster: LabCluster) -> None:
+    assert cluster.api is not None
+    cluster.api.client.set_faults(["locked", "rate_limit", "server_error"])
+    log_before = len(cluster.failover_log("lb2"))
+    t0 = time.time()
+    cluster.kill_haproxy("lb1")
+    wait_owner(cluster, "lb2", timeout=15)
+    log = cluster.failover_log("lb2")[log_before:]
+    posts = assigns(api_calls(cluster, t0))
+    assert [p["status"] for p in posts] == [423, 429, 500, 201], posts
+    assert "API busy (attempt 1): HTTP 423 locked" in log, log
+    assert "API busy (attempt 2): HTTP 429 rate_limit_exceeded" in log, log
+    assert "API busy (attempt 3): HTTP 500 server_error" in log, log
+    assert "asked to assign floating IP" in log, log
+    assert cluster.api.client.faults() == []
+
+
+# -- 8 -----------------------------------------------------------------------------------
+def test_split_brain_ends_with_one_owner(cluster: LabCluster) -> None:
+    assert cluster.api is not None
+    t0 = time.time()
+    cluster.partition_lbs()
+    try:
+        wait_for(lambda: cluster.masters() == ["lb1", "lb2"], 5, "both LBs VRRP master")
+        wait_owner(cluster, "lb2")  # the newer master claimed it last
+        time.sleep(1.0)  # a split brain that lasts: both keep advertising
+    finally:
+        cluster.heal_lbs()
+    wait_for(lambda: cluster.masters() == ["lb1"], 5, "lb2 back to BACKUP")
+    try:
+        # notify_master_rx_lower_pri: lb1 re-claims once it hears lb2's lower-priority advert
+        wait_owner(cluster, "lb1", timeout=5)
+    except TimeoutError:
+        stuck = (cluster.masters(), cluster.assigned(), cluster.lab.floating_ip_target())
+        cluster.api.client.assign(LB_SERVER_IDS["lb1"])  # operator's fix, so later tests run
+        pytest.xfail(
+            "KNOWN BUG (templates/keepalived): after the split brain healed, lb2 went BACKUP "
+            "before lb1 received a lower-priority advert from it, so notify_master_rx_lower_pri "
+            "never ran and nothing re-claimed the IP for the master: (masters, API owner, route)"
+            f" = {stuck}. A master needs a periodic ownership check."
+        )
+    time.sleep(1.5)
+    assert cluster.masters() == ["lb1"]
+    assert cluster.assigned() == "lb1" and cluster.lab.floating_ip_target() == "lb1"
+    posts = [p["server"] for p in assigns(api_calls(cluster, t0)) if p["status"] == 201]
+    assert posts[-1] == LB_SERVER_IDS["lb1"], posts
+    assert get(cluster)["ok"]
+
+
+# -- 9 -----------------------------------------------------------------------------------
+def test_access_log_shows_client_address_and_no_health_checks(cluster: LabCluster) -> None:
+    before = {w.name: len(cluster.access_log(w.name)) for w in cluster.lab.webs}
+    for _ in range(4):
+        assert get(cluster, cluster.url + "?from-test-9")["ok"]
+    time.sleep(2 * 0.5 + 0.3)  # a few health-check rounds (500 ms interval)
+    for web in cluster.lab.webs:
+        new = cluster.access_log(web.name)[before[web.name] :].splitlines()
+        mine = [ln for ln in new if "from-test-9" in ln]
+        assert len(mine) == 2, new
+        assert all(ln.startswith(CLIENT_IP + " ") for ln in mine), mine
+        whole = cluster.access_log(web.name)
+        assert "check.txt" not in whole, [ln for ln in whole.splitlines() if "check" in ln]
+
+
+# -- 10 ----------------------------------------------------------------------------------
+def test_stats_page_needs_the_password(cluster: LabCluster) -> None:
+    user = cluster.stats_user
+    assert get(cluster, cluster.stats_url)["status"] == 401
+    assert get(cluster, cluster.stats_url, auth=(user, "wrong-password"))["status"] == 401
+    good = get(cluster, cluster.stats_url, auth=(user, cluster.stats_password))
+    assert good["status"] == 200, good
