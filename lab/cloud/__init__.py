@@ -16,6 +16,7 @@ from lab.cloud.nspawn import (
     cleanup_prefix,
     detect_mode,
     leftovers,
+    parallel,
     requirements_missing,
 )
 from lab.cloud.rootfs import (
@@ -46,6 +47,7 @@ __all__ = [
     "ensure_rootfs",
     "leftovers",
     "mirror_reachable",
+    "parallel",
     "requirements_missing",
     "suite_of",
 ]

@@ -73,11 +73,11 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lab.cloud.rootfs import (
     DEFAULT_CACHE_DIR,
@@ -85,6 +85,7 @@ from lab.cloud.rootfs import (
     RootfsImage,
     apt_mirror,
     ensure_rootfs,
+    ensure_tree,
     extract,
     suite_of,
 )
@@ -117,6 +118,8 @@ REQUIRED_TOOLS = (
 )
 
 Log = Callable[[str], None]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class CloudError(RuntimeError):
@@ -657,12 +660,17 @@ class CloudHost:
     # ---- preparation
 
     def _prepare(self) -> None:
-        if self._prepared:
-            return
-        lower = self.lab._lower(self.suite)
+        """Root file system + per-host identity (idempotent; teardown waits for it)."""
+        with self.lab._operation():
+            if not self._prepared:
+                self._prepare_root()
+
+    def _prepare_root(self) -> None:
+        image = self.lab.image(self.suite)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
         if self.lab.use_overlay:
+            lower = self.lab._lower(self.suite)
             upper, work = self.dir / "upper", self.dir / "work"
             upper.mkdir(exist_ok=True)
             work.mkdir(exist_ok=True)
@@ -688,7 +696,7 @@ class CloudHost:
                 )
                 self.lab.use_overlay = False
         if not self.overlay:
-            extract(self.lab.images[self.suite].tarball, self.root)
+            extract(image.tarball, self.root)
         self._personalize()
         self._prepared = True
 
@@ -756,6 +764,13 @@ class CloudHost:
         """Launch the container; with ``wait`` also :meth:`wait_ready`."""
         if self.running:
             raise CloudError(f"{self.name} is already running")
+        with self.lab._operation():  # teardown waits until the launch is complete
+            self._launch()
+        if wait:
+            self.wait_ready(timeout)
+        return self.timing
+
+    def _launch(self) -> None:
         self._prepare()
         self.lab.proxy.listen(self.netns)
         self._cleanup_nspawn_leftovers()
@@ -812,9 +827,6 @@ class CloudHost:
             f"{self.name}: launched nspawn pid {self._proc.pid} "
             f"(debian {self.suite}, netns {self.netns})"
         )
-        if wait:
-            self.wait_ready(timeout)
-        return self.timing
 
     def _find_leader(self, timeout: float) -> int:
         assert self._proc is not None
@@ -1137,6 +1149,27 @@ def _close_all_at_exit() -> None:
 atexit.register(_close_all_at_exit)
 
 
+def parallel(fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``[fn(x) for x in items]`` in threads; the first exception is re-raised.
+
+    If the caller is interrupted (Ctrl-C, SIGTERM -> :class:`CloudInterrupted`)
+    it does not wait for the workers: teardown (which stops the hosts and so
+    ends their SSH sessions) can start at once.
+    """
+    todo = list(items)
+    if not todo:
+        return []
+    pool = ThreadPoolExecutor(max_workers=len(todo))
+    try:
+        futures = [pool.submit(fn, x) for x in todo]
+        results = [f.result() for f in futures]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
 def _nspawn_features() -> dict[str, bool]:
     try:
         text = subprocess.run(
@@ -1183,6 +1216,8 @@ class CloudLab:
         self._lowers: dict[str, Path] = {}
         self._lower_locks = {s: threading.Lock() for s in ("bookworm", "trixie")}
         self._closed = False
+        self._busy = 0
+        self._busy_cond = threading.Condition()
         self._prev_handlers: dict[int, Any] = {}
         self.workdir.mkdir(parents=True, exist_ok=False)
         with _OPEN_LOCK:
@@ -1262,14 +1297,13 @@ class CloudLab:
         return self.images[suite]
 
     def _lower(self, suite: str) -> Path:
+        """The suite's read-only tree (cached between runs) for overlay mounts."""
         with self._lower_locks[suite]:
             if suite not in self._lowers:
-                img = self.image(suite)
-                lower = self.workdir / f"lower-{suite}"
-                t0 = time.monotonic()
-                extract(img.tarball, lower)
-                self.log(f"extracted {img.tarball.name} in {time.monotonic() - t0:.1f}s")
-                self._lowers[suite] = lower
+                self.image(suite)
+                self._lowers[suite] = ensure_tree(
+                    suite, cache_dir=self.cache_dir, mirror=self.mirror, log=self.log
+                )
             return self._lowers[suite]
 
     def host(
@@ -1295,24 +1329,56 @@ class CloudLab:
         """Start several hosts in parallel and wait (bounded) until all are ready."""
         hosts = hosts or tuple(self.hosts.values())
         # prepare (extract, overlay mount, keys) in parallel, launch all, then wait for all
-        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-            list(pool.map(lambda h: h._prepare(), hosts))
+        parallel(lambda h: h._prepare(), hosts)
         for h in hosts:
             h.start(wait=False)
-        with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-            return dict(
-                zip(
-                    (h.name for h in hosts),
-                    pool.map(lambda h: h.wait_ready(timeout), hosts),
-                    strict=True,
-                )
-            )
+        timings = parallel(lambda h: h.wait_ready(timeout), hosts)
+        return {h.name: t for h, t in zip(hosts, timings, strict=True)}
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        """Marks work (extraction, mounts, launching) that teardown must not race with."""
+        with self._busy_cond:
+            if self._closed:
+                raise CloudError("lab is closed")
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._busy_cond:
+                self._busy -= 1
+                self._busy_cond.notify_all()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Tear everything down (idempotent).  Signals arriving meanwhile are held back
+        and re-raised afterwards, so a second Ctrl-C cannot cut the teardown short."""
+        with self._busy_cond:
+            if self._closed:
+                return
+            self._closed = True
+        held: list[int] = []
+        saved: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(ValueError, OSError):
+                    saved[sig] = signal.signal(sig, lambda signum, _f: held.append(signum))
+        try:
+            self._teardown()
+        finally:
+            for signum, prev in saved.items():
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(signum, prev)
+            self._restore_signal_handlers()
+            if held:
+                if held[0] == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise CloudInterrupted(f"signal {signal.Signals(held[0]).name} during teardown")
+
+    def _teardown(self) -> None:
         errors = []
+        with self._busy_cond:  # let in-flight extraction/mount/launch finish (bounded)
+            if not self._busy_cond.wait_for(lambda: self._busy == 0, timeout=180):
+                errors.append("gave up waiting for in-flight host preparation")
         hosts = list(getattr(self, "hosts", {}).values())
         if hosts:
             with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
@@ -1335,7 +1401,6 @@ class CloudLab:
         with _OPEN_LOCK:
             if self in _OPEN:
                 _OPEN.remove(self)
-        self._restore_signal_handlers()
         if errors:
             raise CloudError("teardown incomplete: " + "; ".join(errors))
 

@@ -417,6 +417,63 @@ def extract(tarball: Path | str, dest: Path | str, timeout: float = 600) -> None
     )
 
 
+def ensure_tree(
+    suite: str,
+    *,
+    cache_dir: Path | str = DEFAULT_CACHE_DIR,
+    mirror: Mirror | None = None,
+    log: Log = _nolog,
+) -> Path:
+    """A read-only extracted copy of the suite's tarball, for overlay ``lowerdir``.
+
+    Cached next to the tarball (``rootfs-<suite>.tree/<key>``, key = tarball
+    size and mtime), so a run does not unpack 250 MB per suite.  Overlay
+    mounts never write to it.  Trees of older tarballs are removed unless an
+    overlay still uses them.
+    """
+    suite = suite_of(suite)
+    img = ensure_rootfs(suite, cache_dir=cache_dir, mirror=mirror, log=log)
+    st = img.tarball.stat()
+    key = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    trees = Path(cache_dir) / f"rootfs-{suite}.tree"
+    tree, done = trees / key, trees / f"{key}.complete"
+    trees.mkdir(parents=True, exist_ok=True)
+    with open(Path(cache_dir) / f"rootfs-{suite}.tree.lock", "w") as lockf:
+        _flock(lockf, timeout=600)
+        if not done.exists():
+            _rm_tree(tree)  # a partial extraction from an interrupted run
+            t0 = time.monotonic()
+            extract(img.tarball, tree)
+            done.touch()
+            log(f"rootfs {suite}: extracted {img.tarball.name} in {time.monotonic() - t0:.1f}s")
+        in_use = _overlay_lowerdirs()
+        for other in trees.iterdir():
+            base = other.name.removesuffix(".complete")
+            if base != key and not any(u.startswith(str(trees / base)) for u in in_use):
+                if other.is_dir():
+                    _rm_tree(other)
+                else:
+                    other.unlink(missing_ok=True)
+    return tree
+
+
+def _overlay_lowerdirs() -> list[str]:
+    """lowerdir paths of every overlay mount visible to this process."""
+    out: list[str] = []
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        _, _, sep = line.partition(" - ")
+        fields = sep.split()
+        if len(fields) >= 3 and fields[0] == "overlay":
+            for opt in fields[2].split(","):
+                if opt.startswith("lowerdir="):
+                    out.extend(opt[len("lowerdir=") :].split(":"))
+    return out
+
+
 def _rm_tree(path: Path) -> None:
     """``rm -rf --one-file-system``: never follows into mounts left inside."""
     if path.exists():

@@ -19,13 +19,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from lab.cloud.nspawn import CloudHost, CloudLab, leftovers
+from lab.cloud.nspawn import CloudHost, CloudLab, leftovers, parallel
 from lab.cloud.rootfs import build_all, suite_of
 
 if TYPE_CHECKING:  # conftest is loaded by pytest; importing it again would duplicate its state
@@ -49,9 +48,7 @@ class Cloud:
 
     def each(self, fn: Callable[[CloudHost], T]) -> dict[str, T]:
         """``fn(host)`` for every host, in parallel threads."""
-        with ThreadPoolExecutor(max_workers=len(self.hosts)) as pool:
-            futures = {name: pool.submit(fn, h) for name, h in self.hosts.items()}
-            return {name: f.result() for name, f in futures.items()}
+        return dict(zip(self.hosts, parallel(fn, self.hosts.values()), strict=True))
 
 
 @pytest.fixture(scope="module")
