@@ -101,6 +101,9 @@ WORK_ROOT = Path(os.environ.get("HCLOUD_HA_WEB_WORK", "/var/tmp/hcloud-ha-web"))
 PROXY_ADDR = ("127.0.0.1", 3142)
 
 BOOT_TIMEOUT = 180.0
+MEMORY_SAMPLE_INTERVAL = 0.5
+#: Upper bound for the memory sampler thread's life (it stops at close anyway).
+MEMORY_SAMPLER_MAX_SECONDS = 24 * 3600
 STOP_TIMEOUT = 30.0
 SSH_TIMEOUT = 120.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -605,6 +608,14 @@ def _wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> 
     return cond()
 
 
+def _pss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
 def _rss_kib(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -650,7 +661,9 @@ class CloudHost:
         self._proc: subprocess.Popen[bytes] | None = None
         self._leader: int | None = None
         self._cgroups: _CgroupSet | None = None
-        self._mem_peak_seen = 0
+        self._mem_lock = threading.Lock()
+        self._peak_cgroup = 0
+        self._peak_anon = 0
         self._prepared = False
 
     def __repr__(self) -> str:
@@ -823,6 +836,7 @@ class CloudHost:
                 start_new_session=True,
                 close_fds=True,
             )
+        self.lab._start_sampler()
         self.lab.log(
             f"{self.name}: launched nspawn pid {self._proc.pid} "
             f"(debian {self.suite}, netns {self.netns})"
@@ -1079,55 +1093,84 @@ class CloudHost:
         return out
 
     def _sample_memory(self) -> None:
-        with contextlib.suppress(Exception):
-            m = self.memory()
-            self._mem_peak_seen = max(self._mem_peak_seen, m.get("cgroup_peak_bytes") or 0)
+        """Fold the current cgroup figures into the per-host peaks (the lab's sampler
+        thread calls this every :data:`MEMORY_SAMPLE_INTERVAL` seconds)."""
+        m = self._cgroup_memory()
+        with self._mem_lock:
+            self._peak_cgroup = max(self._peak_cgroup, m.get("cgroup_peak_bytes", 0))
+            self._peak_anon = max(self._peak_anon, m.get("cgroup_anon_bytes", 0))
 
     def memory_peak_bytes(self) -> int:
-        """Highest cgroup peak seen over all boots of this host (0 if unknown)."""
+        """Highest cgroup usage (incl. page cache) seen over all boots of this host."""
         self._sample_memory()
-        return self._mem_peak_seen
+        return self._peak_cgroup
+
+    def anon_peak_bytes(self) -> int:
+        """Highest anonymous memory (process RSS without page cache) sampled over all boots."""
+        self._sample_memory()
+        return self._peak_anon
+
+    def _cgroup_dir_v2(self) -> Path | None:
+        if not self._leader:
+            return None
+        try:
+            text = Path(f"/proc/{self._leader}/cgroup").read_text()
+        except OSError:
+            return None
+        path = next((ln.split(":", 2)[2] for ln in text.splitlines() if ln.startswith("0::")), "")
+        d = CGROUP_ROOT / path.lstrip("/")
+        # init sits in <machine scope>/[payload/]init.scope: go up to the machine's scope
+        for _ in range(len(d.parts)):
+            if d == CGROUP_ROOT or (d.name.endswith(".scope") and d.name != "init.scope"):
+                break
+            d = d.parent
+        return d if (d / "memory.current").exists() else None
+
+    def _cgroup_memory(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            mdir = self._cgroups.memory_dir() if self._cgroups else None
+            if mdir is not None:  # cgroup v1 memory controller (legacy mode)
+                stat = dict(ln.split() for ln in (mdir / "memory.stat").read_text().splitlines())
+                out["cgroup_current_bytes"] = int((mdir / "memory.usage_in_bytes").read_text())
+                out["cgroup_peak_bytes"] = int((mdir / "memory.max_usage_in_bytes").read_text())
+                out["cgroup_anon_bytes"] = int(stat.get("total_rss", stat.get("rss", 0)))
+                out["cgroup_cache_bytes"] = int(stat.get("total_cache", stat.get("cache", 0)))
+            elif (d := self._cgroup_dir_v2()) is not None:  # systemd mode: the machine's scope
+                stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines())
+                out["cgroup_current_bytes"] = int((d / "memory.current").read_text())
+                if (d / "memory.peak").exists():
+                    out["cgroup_peak_bytes"] = int((d / "memory.peak").read_text())
+                out["cgroup_anon_bytes"] = int(stat.get("anon", 0))
+                out["cgroup_cache_bytes"] = int(stat.get("file", 0))
+        return out
 
     def memory(self) -> dict[str, Any]:
-        """Memory of the running host.
+        """Memory of the running host, in bytes.
 
-        ``rss_sum_bytes``: sum of VmRSS of all its processes (shared pages counted
-        per process); ``cgroup_*``: the host's memory cgroup (legacy mode: the v1
-        memory controller, incl. page cache; systemd mode: cgroup v2 of the
-        container's scope): current usage, peak since boot, anon RSS.
+        * ``rss_sum_bytes`` / ``pss_sum_bytes``: over all processes of the
+          container (its PID namespace); RSS counts shared pages once per
+          process, PSS shares them out (what ``smem`` shows);
+        * ``cgroup_*``: the host's memory cgroup (legacy mode: the v1 memory
+          controller; systemd mode: the machine scope's cgroup v2): current
+          usage and peak *including page cache*, anonymous memory, page cache;
+        * ``anon_peak_bytes``: highest anonymous memory sampled (every 0.5 s)
+          over all boots - the closest to "peak memory the host needed".
         """
         pids = self.pids()
         out: dict[str, Any] = {
             "processes": len(pids),
             "rss_sum_bytes": sum(_rss_kib(p) for p in pids) * 1024,
+            "pss_sum_bytes": sum(_pss_kib(p) for p in pids) * 1024,
         }
-        mdir = self._cgroups.memory_dir() if self._cgroups else None
-        if mdir is not None:
-            stat = dict(ln.split() for ln in (mdir / "memory.stat").read_text().splitlines())
-            out["cgroup_current_bytes"] = int((mdir / "memory.usage_in_bytes").read_text())
-            out["cgroup_peak_bytes"] = int((mdir / "memory.max_usage_in_bytes").read_text())
-            out["cgroup_anon_bytes"] = int(stat.get("total_rss", stat.get("rss", 0)))
-            out["cgroup_cache_bytes"] = int(stat.get("total_cache", stat.get("cache", 0)))
-        elif self._leader:
-            with contextlib.suppress(OSError, ValueError):
-                path = next(
-                    ln.split(":", 2)[2]
-                    for ln in Path(f"/proc/{self._leader}/cgroup").read_text().splitlines()
-                    if ln.startswith("0::")
-                )
-                d = CGROUP_ROOT / path.lstrip("/")
-                # init sits in <machine scope>/[payload/]init.scope: go up to the machine's scope
-                for _ in range(len(d.parts)):
-                    if d == CGROUP_ROOT or (d.name.endswith(".scope") and d.name != "init.scope"):
-                        break
-                    d = d.parent
-                out["cgroup_current_bytes"] = int((d / "memory.current").read_text())
-                if (d / "memory.peak").exists():
-                    out["cgroup_peak_bytes"] = int((d / "memory.peak").read_text())
-                stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines())
-                out["cgroup_anon_bytes"] = int(stat.get("anon", 0))
-                out["cgroup_cache_bytes"] = int(stat.get("file", 0))
+        out.update(self._cgroup_memory())
+        out["anon_peak_bytes"] = self.anon_peak_bytes()
         return out
+
+    @property
+    def host_key(self) -> str:
+        """The host's SSH ed25519 public key (``ssh-ed25519 AAAA...``), e.g. for known_hosts."""
+        return " ".join(self.known_hosts.read_text().split()[1:3])
 
 
 # --------------------------------------------------------------------------- lab
@@ -1218,6 +1261,8 @@ class CloudLab:
         self._closed = False
         self._busy = 0
         self._busy_cond = threading.Condition()
+        self._sampler_stop = threading.Event()
+        self._sampler: threading.Thread | None = None
         self._prev_handlers: dict[int, Any] = {}
         self.workdir.mkdir(parents=True, exist_ok=False)
         with _OPEN_LOCK:
@@ -1335,6 +1380,23 @@ class CloudLab:
         timings = parallel(lambda h: h.wait_ready(timeout), hosts)
         return {h.name: t for h, t in zip(hosts, timings, strict=True)}
 
+    def _start_sampler(self) -> None:
+        if self._sampler is not None:
+            return
+        self._sampler = threading.Thread(
+            target=self._sample_loop, name=f"cloud-mem-{self.prefix}", daemon=True
+        )
+        self._sampler.start()
+
+    def _sample_loop(self) -> None:
+        for _ in range(int(MEMORY_SAMPLER_MAX_SECONDS / MEMORY_SAMPLE_INTERVAL)):
+            if self._sampler_stop.wait(MEMORY_SAMPLE_INTERVAL):
+                return
+            for h in list(self.hosts.values()):
+                if h.running:
+                    with contextlib.suppress(Exception):
+                        h._sample_memory()
+
     @contextlib.contextmanager
     def _operation(self) -> Iterator[None]:
         """Marks work (extraction, mounts, launching) that teardown must not race with."""
@@ -1376,6 +1438,9 @@ class CloudLab:
 
     def _teardown(self) -> None:
         errors = []
+        self._sampler_stop.set()
+        if self._sampler is not None:
+            self._sampler.join(5)
         with self._busy_cond:  # let in-flight extraction/mount/launch finish (bounded)
             if not self._busy_cond.wait_for(lambda: self._busy == 0, timeout=180):
                 errors.append("gave up waiting for in-flight host preparation")
