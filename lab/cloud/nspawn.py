@@ -836,6 +836,7 @@ class CloudHost:
                 start_new_session=True,
                 close_fds=True,
             )
+        self._leader = self._find_leader(30.0)
         self.lab._start_sampler()
         self.lab.log(
             f"{self.name}: launched nspawn pid {self._proc.pid} "
