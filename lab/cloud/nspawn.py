@@ -1097,9 +1097,13 @@ class CloudHost:
         """Fold the current cgroup figures into the per-host peaks (the lab's sampler
         thread calls this every :data:`MEMORY_SAMPLE_INTERVAL` seconds)."""
         m = self._cgroup_memory()
+        if "cgroup_anon_bytes" in m:
+            anon = m["cgroup_anon_bytes"]
+        else:  # no memory controller for this cgroup (e.g. cgroup v2 on a hybrid host)
+            anon = sum(_pss_kib(p) for p in self.pids()) * 1024
         with self._mem_lock:
             self._peak_cgroup = max(self._peak_cgroup, m.get("cgroup_peak_bytes", 0))
-            self._peak_anon = max(self._peak_anon, m.get("cgroup_anon_bytes", 0))
+            self._peak_anon = max(self._peak_anon, anon)
 
     def memory_peak_bytes(self) -> int:
         """Highest cgroup usage (incl. page cache) seen over all boots of this host."""
@@ -1107,7 +1111,8 @@ class CloudHost:
         return self._peak_cgroup
 
     def anon_peak_bytes(self) -> int:
-        """Highest anonymous memory (process RSS without page cache) sampled over all boots."""
+        """Highest anonymous memory (process RSS without page cache) sampled over all boots.
+        Where the host's cgroup has no memory controller: highest PSS sum instead."""
         self._sample_memory()
         return self._peak_anon
 
