@@ -96,7 +96,7 @@ def _failover(c: LabCluster, fault: str, label: str) -> None:
 
 
 def _web_loss(c: LabCluster) -> None:
-    stream = TrafficStream(c.lab.client, c.url, duration=25, interval=0.01, timeout=1.0)
+    stream = TrafficStream(c.lab.client, c.url, duration=25, interval=0.01, timeout=5.0)
     try:
         stream.wait_started()
         time.sleep(1.0)
@@ -115,6 +115,7 @@ def _web_loss(c: LabCluster) -> None:
         records = stream.stop()
     emit("failed_requests_web_loss", sum(1 for r in records if not r["ok"]), "requests")
     emit("requests_during_web_loss", len(records), "requests")
+    emit("slowest_request_web_loss", max((r["ms"] for r in records), default=0.0), "ms")
 
 
 def main(argv: list[str] | None = None) -> int:

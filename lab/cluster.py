@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -249,12 +250,26 @@ class LabCluster:
         self.settings = lab_settings(self.lab.web_count, self.api.url, **self.settings_overrides)
         for web in self.lab.webs:
             self._install_web(web.name)
+            before = self._apache_error_log(web.name).count("resuming normal operations")
             self._signal(web.name, "apache2", signal.SIGUSR1)
+            self._wait_logged(
+                partial(self._apache_error_log, web.name),
+                "resuming normal operations",
+                before,
+                f"graceful restart of Apache on {web.name}",
+            )
         for lb in self.lab.lbs:
             self._write(self.rendered(lb.name))
             self._validate(lb.name, "lb")
+            before = self.daemon_log(lb.name, "haproxy").count("Loading success.")
             self._signal(lb.name, "haproxy", signal.SIGUSR2)
-        time.sleep(0.5)  # graceful restarts hand over within a few hundred ms
+            self._wait_logged(
+                partial(self.daemon_log, lb.name, "haproxy"),
+                "Loading success.",
+                before,
+                f"reload of HAProxy on {lb.name}",
+            )
+        time.sleep(0.3)  # old HAProxy workers stop accepting once the new ones run
         self.wait_settled(15)
 
     # -- daemons -------------------------------------------------------------------
@@ -278,6 +293,14 @@ class LabCluster:
         if proc is None or proc.poll() is not None:
             raise LabError(f"{daemon} is not running on {name}")
         os.kill(proc.pid, sig)
+
+    @staticmethod
+    def _wait_logged(read: Callable[[], str], text: str, before: int, what: str) -> None:
+        wait_for(lambda: read().count(text) > before, 10, what)
+
+    def _apache_error_log(self, name: str) -> str:
+        path = self.hosts[name].root / "var/log/apache2/error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def daemon_log(self, name: str, daemon: str) -> str:
         path = self.lab[name].logdir / f"{name}-{daemon}.log"

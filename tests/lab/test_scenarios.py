@@ -129,7 +129,9 @@ def test_cookie_stickiness_insert_mode(cluster: LabCluster) -> None:
 
 # -- 3 -----------------------------------------------------------------------------------
 def test_web_server_loss_fails_no_request(cluster: LabCluster) -> None:
-    stream = TrafficStream(cluster.lab.client, cluster.url, duration=15, timeout=1.0)
+    # A request caught by the crash is retried by HAProxy after its 1 s turn-around timer
+    # (then redispatched): slow, not failed - so the client waits up to 5 s, as a browser would.
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=15, timeout=5.0)
     try:
         stream.wait_started()
         time.sleep(0.3)
