@@ -709,7 +709,7 @@ class CloudHost:
                 )
                 self.lab.use_overlay = False
         if not self.overlay:
-            extract(image.tarball, self.root)
+            extract(image.tarball, self.root, cancel=self.lab._cancel)
         self._personalize()
         self._prepared = True
 
@@ -1268,6 +1268,8 @@ class CloudLab:
         self._busy = 0
         self._busy_cond = threading.Condition()
         self._sampler_stop = threading.Event()
+        #: set at close: cancels rootfs builds/extractions still running in worker threads
+        self._cancel = threading.Event()
         self._sampler: threading.Thread | None = None
         self._prev_handlers: dict[int, Any] = {}
         self.workdir.mkdir(parents=True, exist_ok=False)
@@ -1343,7 +1345,11 @@ class CloudLab:
         suite = suite_of(suite)
         if suite not in self.images:
             self.images[suite] = ensure_rootfs(
-                suite, cache_dir=self.cache_dir, mirror=self.mirror, log=self.log
+                suite,
+                cache_dir=self.cache_dir,
+                mirror=self.mirror,
+                log=self.log,
+                cancel=self._cancel,
             )
         return self.images[suite]
 
@@ -1353,7 +1359,11 @@ class CloudLab:
             if suite not in self._lowers:
                 self.image(suite)
                 self._lowers[suite] = ensure_tree(
-                    suite, cache_dir=self.cache_dir, mirror=self.mirror, log=self.log
+                    suite,
+                    cache_dir=self.cache_dir,
+                    mirror=self.mirror,
+                    log=self.log,
+                    cancel=self._cancel,
                 )
             return self._lowers[suite]
 
@@ -1424,6 +1434,7 @@ class CloudLab:
             if self._closed:
                 return
             self._closed = True
+        self._cancel.set()
         held: list[int] = []
         saved: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():

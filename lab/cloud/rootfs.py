@@ -35,8 +35,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -233,6 +235,7 @@ def ensure_rootfs(
     mirror: Mirror | None = None,
     force: bool = False,
     log: Log = _nolog,
+    cancel: threading.Event | None = None,
 ) -> RootfsImage:
     """Return the cached tarball for ``suite``, building it first if needed.
 
@@ -248,7 +251,7 @@ def ensure_rootfs(
     stamp_file = cache / f"rootfs-{suite}.stamp"
     want = _stamp(suite, mirror)
     with open(cache / f"rootfs-{suite}.lock", "w") as lockf:
-        _flock(lockf, timeout=DEBOOTSTRAP_TIMEOUT + 120)
+        _flock(lockf, timeout=DEBOOTSTRAP_TIMEOUT + 120, cancel=cancel)
         if not force and tar.is_file():
             try:
                 have = json.loads(stamp_file.read_text())
@@ -259,7 +262,7 @@ def ensure_rootfs(
                     suite, tar, False, time.monotonic() - t0, _cold_seconds(cache, suite)
                 )
             log(f"rootfs {suite}: stamp changed ({have} -> {want}), rebuilding")
-        _build(suite, mirror, tar, cache, log)
+        _build(suite, mirror, tar, cache, log, cancel)
         seconds = time.monotonic() - t0
         (cache / f"rootfs-{suite}.info.json").write_text(
             json.dumps({"build_seconds": round(seconds, 1), "built_at": time.time()}) + "\n"
@@ -277,25 +280,35 @@ def _cold_seconds(cache: Path, suite: str) -> float | None:
         return None
 
 
-def _flock(f: IO[str], timeout: float) -> None:
+def _flock(f: IO[str], timeout: float, cancel: threading.Event | None = None) -> None:
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.5) + 1):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
+            if cancel is not None and cancel.is_set():
+                raise BuildCancelled(f"cancelled while waiting for {f.name}") from None
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     raise TimeoutError(f"could not lock {f.name} within {timeout:.0f}s")
 
 
-def _build(suite: str, mirror: Mirror, tar: Path, cache: Path, log: Log) -> None:
+def _build(
+    suite: str,
+    mirror: Mirror,
+    tar: Path,
+    cache: Path,
+    log: Log,
+    cancel: threading.Event | None = None,
+) -> None:
     for tool in ("debootstrap", "tar"):
         if not shutil.which(tool):
             raise RuntimeError(f"{tool} is not installed (apt-get install {tool})")
     work = Path(tempfile.mkdtemp(prefix=f".build-{suite}-", dir=cache))
     root = work / "root"
+    tmp_tar = cache / f".rootfs-{suite}.tar.tmp"
     try:
         cmd = [
             "debootstrap",
@@ -307,34 +320,78 @@ def _build(suite: str, mirror: Mirror, tar: Path, cache: Path, log: Log) -> None
         ]
         log(f"rootfs {suite}: {' '.join(cmd)}")
         with open(work / "debootstrap.log", "wb") as out:
-            proc = subprocess.run(
-                cmd, stdout=out, stderr=subprocess.STDOUT, timeout=DEBOOTSTRAP_TIMEOUT
-            )
-        if proc.returncode != 0:
+            rc = _run_group(cmd, out, DEBOOTSTRAP_TIMEOUT, cancel)
+        if rc != 0:
             tail = (work / "debootstrap.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"debootstrap {suite} failed (rc={proc.returncode}):\n{tail}")
+            raise RuntimeError(f"debootstrap {suite} failed (rc={rc}):\n{tail}")
         _customize(root, suite, mirror)
-        tmp_tar = cache / f".rootfs-{suite}.tar.tmp"
-        subprocess.run(
-            [
-                "tar",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "--acls",
-                "-C",
-                str(root),
-                "-cf",
-                str(tmp_tar),
-                ".",
-            ],
-            check=True,
-            timeout=600,
-        )
+        cmd = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+        rc = _run_group([*cmd, "-C", str(root), "-cf", str(tmp_tar), "."], None, 600, cancel)
+        if rc != 0:
+            raise RuntimeError(f"tar -cf {tmp_tar} failed (exit {rc})")
         os.replace(tmp_tar, tar)
         log(f"rootfs {suite}: wrote {tar} ({tar.stat().st_size // (1 << 20)} MiB)")
     finally:
+        tmp_tar.unlink(missing_ok=True)
         _rm_tree(work)
+
+
+class BuildCancelled(RuntimeError):
+    """A build or extraction was cancelled (the caller is tearing down)."""
+
+
+def _run_group(
+    cmd: list[str],
+    out: IO[bytes] | None,
+    timeout: float,
+    cancel: threading.Event | None = None,
+) -> int:
+    """Run ``cmd`` in its own process group and return its exit status.
+
+    On timeout, on ``cancel`` being set, or when the calling thread is
+    interrupted, the whole group (debootstrap's chrooted dpkg children too) is
+    killed by its id before the exception propagates.  ``out=None``: stdout is
+    discarded, stderr inherited.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        stdout=out if out is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if out is not None else None,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(int(timeout / 0.25) + 2):
+            try:
+                return proc.wait(0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            if cancel is not None and cancel.is_set():
+                raise BuildCancelled(f"cancelled: {' '.join(cmd[:3])} ...")
+            if time.monotonic() > deadline:
+                break
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    except BaseException:
+        _kill_group(proc)
+        raise
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for _ in range(50):  # members of the group may outlive its leader for a moment
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -396,25 +453,19 @@ def _customize(root: Path, suite: str, mirror: Mirror) -> None:
         os.unlink(deb)
 
 
-def extract(tarball: Path | str, dest: Path | str, timeout: float = 600) -> None:
+def extract(
+    tarball: Path | str,
+    dest: Path | str,
+    timeout: float = 600,
+    cancel: threading.Event | None = None,
+) -> None:
     """Unpack a rootfs tarball into ``dest`` (created; must be empty or absent)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "tar",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "--acls",
-            "-C",
-            str(dest),
-            "-xf",
-            str(tarball),
-        ],
-        check=True,
-        timeout=timeout,
-    )
+    cmd = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+    rc = _run_group([*cmd, "-C", str(dest), "-xf", str(tarball)], None, timeout, cancel)
+    if rc != 0:
+        raise RuntimeError(f"tar -xf {tarball} into {dest} failed (exit {rc})")
 
 
 def ensure_tree(
@@ -423,6 +474,7 @@ def ensure_tree(
     cache_dir: Path | str = DEFAULT_CACHE_DIR,
     mirror: Mirror | None = None,
     log: Log = _nolog,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """A read-only extracted copy of the suite's tarball, for overlay ``lowerdir``.
 
@@ -432,18 +484,18 @@ def ensure_tree(
     overlay still uses them.
     """
     suite = suite_of(suite)
-    img = ensure_rootfs(suite, cache_dir=cache_dir, mirror=mirror, log=log)
+    img = ensure_rootfs(suite, cache_dir=cache_dir, mirror=mirror, log=log, cancel=cancel)
     st = img.tarball.stat()
     key = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     trees = Path(cache_dir) / f"rootfs-{suite}.tree"
     tree, done = trees / key, trees / f"{key}.complete"
     trees.mkdir(parents=True, exist_ok=True)
     with open(Path(cache_dir) / f"rootfs-{suite}.tree.lock", "w") as lockf:
-        _flock(lockf, timeout=600)
+        _flock(lockf, timeout=600, cancel=cancel)
         if not done.exists():
             _rm_tree(tree)  # a partial extraction from an interrupted run
             t0 = time.monotonic()
-            extract(img.tarball, tree)
+            extract(img.tarball, tree, cancel=cancel)
             done.touch()
             log(f"rootfs {suite}: extracted {img.tarball.name} in {time.monotonic() - t0:.1f}s")
         in_use = _overlay_lowerdirs()
@@ -474,8 +526,31 @@ def _overlay_lowerdirs() -> list[str]:
     return out
 
 
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    out: list[str] = []
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        mnt = line.split()[4].encode().decode("unicode_escape")
+        if mnt.startswith(prefix):
+            out.append(mnt)
+    return out
+
+
 def _rm_tree(path: Path) -> None:
-    """``rm -rf --one-file-system``: never follows into mounts left inside."""
+    """Unmount what is mounted below ``path`` (an interrupted debootstrap leaves
+    /proc and /sys mounted in its target), then ``rm -rf --one-file-system``."""
+    for _ in range(3):
+        mounts = sorted(_mounts_under(path), key=len, reverse=True)
+        if not mounts:
+            break
+        for m in mounts:
+            subprocess.run(["umount", "-l", m], capture_output=True, timeout=30, check=False)
+    if _mounts_under(path):
+        raise RuntimeError(f"still mounted below {path}; not deleting it")
     if path.exists():
         subprocess.run(
             ["rm", "-rf", "--one-file-system", "--", str(path)], check=False, timeout=600
@@ -483,12 +558,24 @@ def _rm_tree(path: Path) -> None:
 
 
 def build_all(suites: Iterable[str] = ("trixie", "bookworm"), **kw: Any) -> list[RootfsImage]:
-    """Build/check several suites in parallel threads (debootstrap is I/O bound)."""
+    """Build/check several suites in parallel threads (debootstrap is I/O bound).
+
+    If the caller is interrupted (Ctrl-C, SIGTERM handler raising), the builds
+    in the worker threads are cancelled and cleaned up before it re-raises.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    suites = list(suites)
-    with ThreadPoolExecutor(max_workers=len(suites) or 1) as pool:
-        return list(pool.map(lambda s: ensure_rootfs(s, **kw), suites))
+    todo = list(suites)
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=len(todo) or 1)
+    try:
+        futures = [pool.submit(ensure_rootfs, s, cancel=cancel, **kw) for s in todo]
+        return [f.result() for f in futures]
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True)  # cancelled builds kill their processes within a second
 
 
 if __name__ == "__main__":  # python -m lab.cloud.rootfs [suite...]
