@@ -19,6 +19,11 @@ steps touch, without cloud-init):
   translations, apt's daily timers masked (they would grab the dpkg lock at a
   random moment during a test run; the steps still use apt's lock timeout).
 
+Hosts do not unpack the tarball each: :func:`ensure_tree` keeps one extracted
+read-only tree per tarball (``rootfs-<suite>.tree/<key>``) that every host
+uses as the ``lowerdir`` of its own overlay (upper = the host's changes), so
+hosts are independent and a reboot keeps their changes.
+
 The mirror is never written into the repository: it is read from this
 machine's apt sources at run time (:func:`apt_mirror`), or from the
 ``HCLOUD_HA_WEB_MIRROR`` environment variable.
