@@ -161,8 +161,16 @@ def test_hosts_live_in_their_namespace(cloud: Cloud) -> None:
 
 
 def test_provisioning_privileges(cloud: Cloud) -> None:
-    """What the remote steps need: add an address (CAP_NET_ADMIN) and set net sysctls."""
+    """What the remote steps need: files on stdin (secrets never in the command line),
+    add an address (CAP_NET_ADMIN) and set net sysctls."""
+    payload = "secret-on-stdin\n" * 1000
     for n, h in enumerate(cloud.hosts.values()):
+        got = h.ssh(
+            "umask 077 && cat > /root/stdin.txt && stat -c %a /root/stdin.txt && "
+            "wc -c < /root/stdin.txt",
+            stdin=payload,
+        ).stdout.split()
+        assert got == ["600", str(len(payload))]
         fip = f"198.18.1.{10 + n}"
         h.ssh(
             f"ip addr add {fip}/32 dev eth0 && ip -o addr show dev eth0 | grep -q {fip} && "
