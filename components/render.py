@@ -26,6 +26,9 @@ HEALTH_PORT = 8405  # HAProxy's local health endpoint, checked by keepalived
 PRIMARY_PRIORITY = 150
 BACKUP_PRIORITY = 100
 CHECK_WEIGHT = 60  # PRIMARY - weight < BACKUP: a failed HAProxy hands over mastership
+# Seconds between the master's API ownership checks: 720 GETs/hour at most, within the
+# project's 3600 requests/hour.
+OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 DOCROOT = "/var/www/hcloud-ha-web"
@@ -132,22 +135,28 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         activate="systemctl enable -q haproxy && systemctl reload-or-restart haproxy",
     ),
     DaemonSpec(
-        name="keepalived",
+        name="failover",
         role="lb",
         files=(
             FileSpec("keepalived/hcloud-floating-ip.j2", FAILOVER_SCRIPT, "0755"),
             FileSpec("keepalived/failover-token.j2", TOKEN_FILE, "0600"),
-            FileSpec(
-                "keepalived/keepalived.conf.j2",
-                "/etc/keepalived/keepalived.conf",
-                "0600",
-            ),
         ),
         validate=(
             f"python3 -m py_compile $STAGE{{root}}{FAILOVER_SCRIPT} && rm -rf $STAGE{{root}}"
             f"{Path(FAILOVER_SCRIPT).parent}/__pycache__"
-            " && keepalived -t -f $STAGE{root}/etc/keepalived/keepalived.conf"
         ),
+        # keepalived runs the script at its next transition or check; nothing to reload.
+        activate="true",
+    ),
+    DaemonSpec(
+        name="keepalived",
+        role="lb",
+        files=(
+            FileSpec("keepalived/keepalived.conf.j2", "/etc/keepalived/keepalived.conf", "0600"),
+        ),
+        # keepalived -t also checks that the scripts it runs exist: the failover step
+        # before this one has installed them.
+        validate="keepalived -t -f $STAGE{root}/etc/keepalived/keepalived.conf",
         activate="systemctl enable -q keepalived && systemctl reload-or-restart keepalived",
     ),
 )
@@ -262,6 +271,7 @@ def host_variables(
         "is_primary": is_primary,
         "priority": PRIMARY_PRIORITY if is_primary else BACKUP_PRIORITY,
         "check_weight": CHECK_WEIGHT,
+        "ownership_check_interval": OWNERSHIP_CHECK_INTERVAL,
         "failover_script": root + FAILOVER_SCRIPT,
         "token_file": root + TOKEN_FILE,
         "pid_file": root + "/run/hcloud-floating-ip.pid",

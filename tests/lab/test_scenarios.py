@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from components.render import OWNERSHIP_CHECK_INTERVAL
 from lab.cluster import LabCluster, wait_for
 from lab.netns import requirements_missing
 from lab.topology import CLIENT_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
@@ -252,18 +253,9 @@ def test_split_brain_ends_with_one_owner(cluster: LabCluster) -> None:
     finally:
         cluster.heal_lbs()
     wait_for(lambda: cluster.masters() == ["lb1"], 5, "lb2 back to BACKUP")
-    try:
-        # notify_master_rx_lower_pri: lb1 re-claims once it hears lb2's lower-priority advert
-        wait_owner(cluster, "lb1", timeout=5)
-    except TimeoutError:
-        stuck = (cluster.masters(), cluster.assigned(), cluster.lab.floating_ip_target())
-        cluster.api.client.assign(LB_SERVER_IDS["lb1"])  # operator's fix, so later tests run
-        pytest.xfail(
-            "KNOWN BUG (templates/keepalived): after the split brain healed, lb2 went BACKUP "
-            "before lb1 received a lower-priority advert from it, so notify_master_rx_lower_pri "
-            "never ran and nothing re-claimed the IP for the master: (masters, API owner, route)"
-            f" = {stuck}. A master needs a periodic ownership check."
-        )
+    # notify_master_rx_lower_pri re-claims when lb1 hears lb2's lower-priority advert; if
+    # lb2 went BACKUP first, lb1's periodic ownership check claims the address instead.
+    wait_owner(cluster, "lb1", timeout=OWNERSHIP_CHECK_INTERVAL + 5)
     time.sleep(1.5)
     assert cluster.masters() == ["lb1"]
     assert cluster.assigned() == "lb1" and cluster.lab.floating_ip_target() == "lb1"
