@@ -48,4 +48,4 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 include mk/lint.mk
-lint: $(VENV)/.installed
+lint-tools: $(VENV)/.installed
