@@ -10,15 +10,12 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-from components.config import Settings
 from components.render import RenderedFile
+from tests.conftest import make_settings
 
-# A syntactically valid ed25519 public key (its private half was never kept).
-SAMPLE_PUBLIC_KEY = (
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG3m0p4C1Hn7Dfv8Vqz2T4pTq5QqzZ2s2uPz2n3c8Jz9 ops@example"
-)
+__all__ = ["NetnsHost", "checker_missing", "make_settings", "write_tree"]
+
 CHECKERS = ("haproxy", "keepalived", "apache2", "ip", "python3")
 
 
@@ -34,15 +31,6 @@ def checker_missing() -> str:
             f"render+check needs {', '.join(missing)} (apt-get install haproxy keepalived apache2)"
         )
     return ""
-
-
-def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "ssh_public_key": SAMPLE_PUBLIC_KEY,
-        "admin_cidrs": ("203.0.113.7/32",),
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 def write_tree(root: Path, files: Iterable[RenderedFile]) -> None:
