@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -415,6 +416,18 @@ def settings_from_values(get: Callable[[str], Any]) -> Settings:
         )
         kwargs[attr] = tuple(str(v) for v in value)
     return Settings(**kwargs)
+
+
+def settings_to_config(settings: Settings) -> dict[str, str]:
+    """The stack config (project keys, raw string values) that `load_settings` reads back
+    as `settings`; the inverse of `settings_from_values`. Lists are JSON, as
+    `pulumi config set --path` stores them."""
+    config = {"sshPublicKey": settings.ssh_public_key}
+    for key, attr in (_STR_FIELDS | _INT_FIELDS | _FLOAT_FIELDS).items():
+        config[key] = str(getattr(settings, attr))
+    for key, attr in _LIST_FIELDS.items():
+        config[key] = json.dumps(list(getattr(settings, attr)))
+    return config
 
 
 def load_settings(config: pulumi.Config | None = None) -> StackConfig:

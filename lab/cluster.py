@@ -51,6 +51,7 @@ from lab import topology as topo
 from lab.fake_hcloud import FakeApi, launch
 from lab.netns import Host, LabError
 from lab.topology import LabNetwork
+from lab.traffic import fetch
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,157 @@ class HostRuntime:
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
 
-class LabCluster:
+def assign_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The floating IP assign requests among the fake API's ``calls``."""
+    return [x for x in calls if x["method"] == "POST" and x["path"].endswith("/actions/assign")]
+
+
+class ClusterView:
+    """What the scenarios observe of a running cluster, whatever runs its daemons.
+
+    `LabCluster` runs the daemons as processes of this process; the local cloud's
+    `CloudCluster` has systemd run them on booted Debian hosts. Both sit on a
+    `LabNetwork` (``lab``) with the fake Hetzner API (``api``), and supply
+    `running`, `haproxy_command`, `daemon_log` and `failover_log`.
+    """
+
+    lab: LabNetwork
+    api: FakeApi | None
+    settings: Settings | None
+    stats_password: str
+
+    def running(self, name: str, daemon: str) -> bool:
+        raise NotImplementedError
+
+    def haproxy_command(self, name: str, command: str, timeout: float = 2.0) -> str:
+        """One command on HAProxy's runtime API (the stats socket) of ``name``."""
+        raise NotImplementedError
+
+    def daemon_log(self, name: str, daemon: str) -> str:
+        raise NotImplementedError
+
+    def failover_log(self, name: str) -> str:
+        raise NotImplementedError
+
+    # -- observation ---------------------------------------------------------------
+    def is_master(self, name: str) -> bool:
+        """keepalived marks mastership with the floating IP on ``lo`` (scope host)."""
+        out = self.lab[name].ip("-4", "-o", "addr", "show", "dev", "lo", check=False)
+        return f" {topo.FLOATING_IP}/32 " in out
+
+    def masters(self) -> list[str]:
+        return [n for n in topo.LB_NAMES if self.is_master(n)]
+
+    def haproxy_healthy(self, name: str) -> bool:
+        """HAProxy's local health endpoint answers (what keepalived's vrrp_script checks)."""
+        proc = self.lab[name].run(
+            [
+                "curl",
+                "-fsS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "0.5",
+                "http://127.0.0.1:8405/healthz",
+            ],
+            check=False,
+        )
+        return proc.returncode == 0
+
+    def server_status(self, name: str) -> dict[str, str]:
+        """``{web1: "UP", web2: "DOWN", ...}`` for backend ``web`` of HAProxy on ``name``."""
+        out = self.haproxy_command(name, "show stat")
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        if not lines or not lines[0].startswith("# "):
+            raise LabError(f"unexpected 'show stat' output: {out[:200]!r}")
+        header = lines[0][2:].split(",")
+        status: dict[str, str] = {}
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == "web" and row.get("svname") not in ("FRONTEND", "BACKEND"):
+                status[row["svname"]] = row.get("status", "")
+        return status
+
+    def backends_up(self, name: str) -> bool:
+        st = self.server_status(name)
+        return bool(st) and all(s.startswith("UP") for s in st.values())
+
+    def assigned(self) -> str | None:
+        assert self.api is not None
+        name = self.api.client.state().get("assigned_name")
+        return None if name is None else str(name)
+
+    def wait_settled(self, timeout: float = 15.0) -> None:
+        """lb1 is the only master, owns the IP at the API and the client route; all webs UP."""
+
+        def settled() -> bool:
+            return (
+                self.masters() == ["lb1"]
+                and self.assigned() == "lb1"
+                and self.lab.floating_ip_target() == "lb1"
+                and all(self.backends_up(n) for n in topo.LB_NAMES if self.running(n, "haproxy"))
+            )
+
+        try:
+            wait_for(settled, timeout, "cluster settled: lb1 sole master with the IP, webs UP")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        """Current state, for error messages: masters, API owner, route, backends, logs."""
+        lines = [
+            f"masters={self.masters()} api={self.assigned()} route={self.lab.floating_ip_target()}"
+        ]
+        for name in topo.LB_NAMES:
+            running = {d: self.running(name, d) for d in ("haproxy", "keepalived")}
+            try:
+                backends: Any = self.server_status(name)
+            except (OSError, LabError) as exc:
+                backends = exc
+            lines.append(f"{name}: running={running} backends={backends}")
+            tail = self.daemon_log(name, "keepalived").splitlines()[-12:]
+            lines += [f"  {name} keepalived: {ln}" for ln in tail]
+            lines += [
+                f"  {name} failover: {ln}" for ln in self.failover_log(name).splitlines()[-5:]
+            ]
+        return "\n".join(lines)
+
+    def vrrp_transitions(self, name: str, state: str = "MASTER") -> int:
+        """How often keepalived on ``name`` logged entering ``state`` (all its runs)."""
+        return self.daemon_log(name, "keepalived").count(f"Entering {state} STATE")
+
+    @property
+    def url(self) -> str:
+        return f"http://{topo.FLOATING_IP}/"
+
+    @property
+    def stats_url(self) -> str:
+        return f"http://{topo.FLOATING_IP}{STATS_URL_PATH}"
+
+    @property
+    def stats_user(self) -> str:
+        assert self.settings is not None
+        return self.settings.stats_user
+
+    def get(self, url: str | None = None, **kw: Any) -> dict[str, Any]:
+        """One request from the client host (`lab.traffic.fetch`), to the site by default."""
+        return self.lab.client.call(fetch, url or self.url, **kw)  # type: ignore[no-any-return]
+
+    def api_calls(self, since: float) -> list[dict[str, Any]]:
+        """The fake API's call log since ``since`` (epoch seconds)."""
+        assert self.api is not None
+        return [x for x in self.api.client.calls() if x["ts"] >= since]
+
+    def wait_owner(self, lb: str, timeout: float = 10.0) -> None:
+        """The API shows the IP assigned to ``lb`` and the client's route points there."""
+        wait_for(
+            lambda: self.assigned() == lb and self.lab.floating_ip_target() == lb,
+            timeout,
+            f"floating IP assigned and routed to {lb}",
+        )
+
+
+class LabCluster(ClusterView):
     """The daemons of the cluster on a running ``LabNetwork``; :meth:`stop` ends them."""
 
     def __init__(self, lab: LabNetwork, **settings_overrides: Any) -> None:
@@ -310,6 +461,20 @@ class LabCluster:
         proc = self.hosts[name].procs.get(daemon)
         return proc is not None and proc.poll() is None
 
+    def haproxy_command(self, name: str, command: str, timeout: float = 2.0) -> str:
+        path = self.hosts[name].root / "run/haproxy/admin.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            for _ in range(10_000):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        return b"".join(chunks).decode(errors="replace")
+
     def start_apache(self, name: str) -> None:
         root = self.hosts[name].root
         env = {
@@ -406,104 +571,6 @@ class LabCluster:
             assert iface is not None
             self.lab[name].ip("neigh", "del", topo.LB_PRIVATE_IPS[peer], "dev", iface, check=False)
 
-    # -- observation ---------------------------------------------------------------
-    def is_master(self, name: str) -> bool:
-        """keepalived marks mastership with the floating IP on ``lo`` (scope host)."""
-        out = self.lab[name].ip("-4", "-o", "addr", "show", "dev", "lo", check=False)
-        return f" {topo.FLOATING_IP}/32 " in out
-
-    def masters(self) -> list[str]:
-        return [n for n in topo.LB_NAMES if self.is_master(n)]
-
-    def haproxy_healthy(self, name: str) -> bool:
-        """HAProxy's local health endpoint answers (what keepalived's vrrp_script checks)."""
-        proc = self.lab[name].run(
-            [
-                "curl",
-                "-fsS",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "0.5",
-                "http://127.0.0.1:8405/healthz",
-            ],
-            check=False,
-        )
-        return proc.returncode == 0
-
-    def haproxy_command(self, name: str, command: str, timeout: float = 2.0) -> str:
-        """One command on HAProxy's runtime API (the stats socket) of ``name``."""
-        path = self.hosts[name].root / "run/haproxy/admin.sock"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(command.encode() + b"\n")
-            chunks = []
-            for _ in range(10_000):
-                data = sock.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-        return b"".join(chunks).decode(errors="replace")
-
-    def server_status(self, name: str) -> dict[str, str]:
-        """``{web1: "UP", web2: "DOWN", ...}`` for backend ``web`` of HAProxy on ``name``."""
-        out = self.haproxy_command(name, "show stat")
-        lines = [ln for ln in out.splitlines() if ln.strip()]
-        if not lines or not lines[0].startswith("# "):
-            raise LabError(f"unexpected 'show stat' output: {out[:200]!r}")
-        header = lines[0][2:].split(",")
-        status: dict[str, str] = {}
-        for line in lines[1:]:
-            row = dict(zip(header, line.split(","), strict=False))
-            if row.get("pxname") == "web" and row.get("svname") not in ("FRONTEND", "BACKEND"):
-                status[row["svname"]] = row.get("status", "")
-        return status
-
-    def backends_up(self, name: str) -> bool:
-        st = self.server_status(name)
-        return bool(st) and all(s.startswith("UP") for s in st.values())
-
-    def assigned(self) -> str | None:
-        assert self.api is not None
-        name = self.api.client.state().get("assigned_name")
-        return None if name is None else str(name)
-
-    def wait_settled(self, timeout: float = 15.0) -> None:
-        """lb1 is the only master, owns the IP at the API and the client route; all webs UP."""
-
-        def settled() -> bool:
-            return (
-                self.masters() == ["lb1"]
-                and self.assigned() == "lb1"
-                and self.lab.floating_ip_target() == "lb1"
-                and all(self.backends_up(n) for n in topo.LB_NAMES if self.running(n, "haproxy"))
-            )
-
-        try:
-            wait_for(settled, timeout, "cluster settled: lb1 sole master with the IP, webs UP")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.describe()}") from None
-
-    def describe(self) -> str:
-        """Current state, for error messages: masters, API owner, route, backends, logs."""
-        lines = [
-            f"masters={self.masters()} api={self.assigned()} route={self.lab.floating_ip_target()}"
-        ]
-        for name in topo.LB_NAMES:
-            running = {d: self.running(name, d) for d in ("haproxy", "keepalived")}
-            try:
-                backends: Any = self.server_status(name)
-            except (OSError, LabError) as exc:
-                backends = exc
-            lines.append(f"{name}: running={running} backends={backends}")
-            tail = self.daemon_log(name, "keepalived").splitlines()[-12:]
-            lines += [f"  {name} keepalived: {ln}" for ln in tail]
-            lines += [
-                f"  {name} failover: {ln}" for ln in self.failover_log(name).splitlines()[-5:]
-            ]
-        return "\n".join(lines)
-
     def failover_log(self, name: str) -> str:
         path = Path(self.hosts[name].layout.failover_log_file)
         return path.read_text(errors="replace") if path.exists() else ""
@@ -511,23 +578,6 @@ class LabCluster:
     def access_log(self, name: str) -> str:
         path = self.hosts[name].root / "var/log/apache2/access.log"
         return path.read_text(errors="replace") if path.exists() else ""
-
-    def vrrp_transitions(self, name: str, state: str = "MASTER") -> int:
-        """How often keepalived on ``name`` logged entering ``state`` (all its runs)."""
-        return self.daemon_log(name, "keepalived").count(f"Entering {state} STATE")
-
-    @property
-    def url(self) -> str:
-        return f"http://{topo.FLOATING_IP}/"
-
-    @property
-    def stats_url(self) -> str:
-        return f"http://{topo.FLOATING_IP}{STATS_URL_PATH}"
-
-    @property
-    def stats_user(self) -> str:
-        assert self.settings is not None
-        return self.settings.stats_user
 
     def python_argv(self, module: str, *args: str) -> list[str]:
         return [sys.executable, "-m", module, *args]

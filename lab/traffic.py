@@ -205,6 +205,20 @@ class TrafficStream:
             time.sleep(0.02)
         raise TimeoutError(f"traffic stream produced no request within {timeout}s: {self.path}")
 
+    def wait_recovered(self, since: float, timeout: float = 10.0) -> None:
+        """Bounded wait: the stream saw failures after ``since`` (epoch seconds) and then
+        answers again."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 2):
+            recs = [r for r in self.records() if r["ts"] >= since]
+            fails = [r["ts"] for r in recs if not r["ok"]]
+            if fails and any(r["ok"] and r["ts"] > fails[-1] + 0.2 for r in recs):
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise TimeoutError(f"clients did not recover through the new master within {timeout}s")
+
     def stop(self) -> list[dict[str, Any]]:
         """Stop (if still running) and return every record."""
         self.host.kill(self.proc)

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import base64
 import gzip
-import itertools
-import runpy
-import string
 import struct
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pulumi
 import pytest
-from google.protobuf import json_format
-from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
-from pulumi.runtime.settings import get_root_resource, set_root_resource
 from pulumi.runtime.sync_await import _sync_await
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +25,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from components.config import PROJECT, SecretInputs, Settings, StackConfig  # noqa: E402
+from lab.program import (  # noqa: E402
+    Mocks,
+    RecordingMonitor,
+    Registration,
+    generated_password,
+    install_mocks,
+    run,
+    run_main,
+)
+
+__all__ = ["Mocks", "RecordingMonitor", "Registration", "generated_password", "run", "run_main"]
 
 STACK = "test"
 SECRET_SIG = rpc._special_sig_key  # "4dabf18193072939515e22adb298388d"
@@ -109,148 +113,15 @@ def valid_config(**overrides: Any) -> tuple[dict[str, str], list[str]]:
     return config, secret_keys
 
 
-# --- mocks --------------------------------------------------------------------------
-
-
-class Mocks(pulumi.runtime.Mocks):
-    """Fills in what providers compute: numeric ids, addresses, generated passwords."""
-
-    def __init__(self) -> None:
-        self._ids = itertools.count(1001)
-        self._hosts = itertools.count(10)
-        # Same logical name, same id and address: a program run twice sees equal facts.
-        self._by_name: dict[tuple[str, str], tuple[str, int]] = {}
-
-    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
-        outputs = dict(args.inputs)
-        key = (args.typ, args.name)
-        if key not in self._by_name:
-            self._by_name[key] = (str(next(self._ids)), next(self._hosts))
-        rid, host = self._by_name[key]
-        if args.typ == "hcloud:index/server:Server":
-            outputs["ipv4Address"] = f"203.0.113.{host}"
-            outputs["ipv6Address"] = f"2001:db8:{host:x}::1"
-            outputs["status"] = "running"
-        elif args.typ == "hcloud:index/floatingIp:FloatingIp":
-            outputs["ipAddress"] = "192.0.2.44"
-        elif args.typ == "hcloud:index/networkSubnet:NetworkSubnet":
-            # The provider's subnet id is "<network id>-<ip range>".
-            rid = f"{args.inputs['networkId']}-{args.inputs['ipRange']}"
-        elif args.typ == "random:index/randomPassword:RandomPassword":
-            outputs["result"] = generated_password(
-                args.name, int(args.inputs["length"]), bool(args.inputs.get("special", True))
-            )
-        return rid, outputs
-
-    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
-        return {}, None
-
-
-def generated_password(name: str, length: int, special: bool) -> str:
-    alphabet = string.ascii_letters + string.digits + ("!#%&*+-=?@^_" if special else "")
-    seed = sum(map(ord, name))
-    return "".join(alphabet[(seed + 7 * i) % len(alphabet)] for i in range(length))
-
-
-@dataclass
-class Registration:
-    """One RegisterResource request as the engine would receive it."""
-
-    type: str
-    name: str
-    urn: str
-    parent: str
-    custom: bool
-    dependencies: list[str]
-    ignore_changes: list[str]
-    inputs: dict[str, Any]  # deserialized (secrets unwrapped)
-    wire: dict[str, Any]  # serialized, secret values still wrapped
-    id: str = ""
-    state: dict[str, Any] = field(default_factory=dict)  # what the mocked provider returned
-
-
-class RecordingMonitor(pulumi_mocks.MockMonitor):
-    """Pulumi's MockMonitor, keeping every request it receives."""
-
-    registrations: list[Registration]
-    outputs: dict[str, dict[str, Any]]
-
-    def __init__(self, mocks: Mocks) -> None:
-        super().__init__(mocks)
-        self.registrations = []
-        self.outputs = {}
-
-    def RegisterResource(self, request: Any) -> Any:
-        response = super().RegisterResource(request)
-        if request.type != "pulumi:pulumi:Stack":
-            self.registrations.append(
-                Registration(
-                    type=request.type,
-                    name=request.name,
-                    urn=response.urn,
-                    parent=request.parent,
-                    custom=request.custom,
-                    dependencies=list(request.dependencies),
-                    ignore_changes=list(request.ignoreChanges),
-                    inputs=rpc.deserialize_properties(request.object),
-                    wire=json_format.MessageToDict(request.object),
-                    id=response.id,
-                    state=rpc.deserialize_properties(response.object),
-                )
-            )
-        return response
-
-    def RegisterResourceOutputs(self, request: Any) -> Any:
-        self.outputs[request.urn] = json_format.MessageToDict(request.outputs)
-        return super().RegisterResourceOutputs(request)
-
-    # --- queries ---------------------------------------------------------------------
-
-    def of_type(self, type_: str) -> list[Registration]:
-        return [r for r in self.registrations if r.type == type_]
-
-    def named(self, name: str) -> Registration:
-        found = [r for r in self.registrations if r.name == name]
-        assert len(found) == 1, f"expected one resource named {name!r}, found {len(found)}"
-        return found[0]
-
-    def by_urn(self, urn: str) -> Registration:
-        return next(r for r in self.registrations if r.urn == urn)
+# --- mocks (shared with the local cloud tier: lab/program.py) ------------------------
 
 
 @pytest.fixture
 def monitor() -> Iterator[RecordingMonitor]:
     """Fresh mocks, a fresh root stack and empty config for each test."""
-    mocks = Mocks()
-    mon = RecordingMonitor(mocks)
-    set_root_resource(None)  # type: ignore[arg-type]
-    pulumi.runtime.set_all_config({}, [])
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=STACK, preview=False, monitor=mon)
+    mon = install_mocks(Mocks(), STACK)
     yield mon
     pulumi.runtime.set_all_config({}, [])
-
-
-T = TypeVar("T")
-
-
-def run(program: Callable[[], T]) -> T:
-    """Run `program` under the mocks and wait until every registration has finished."""
-    box: list[T] = []
-
-    @pulumi.runtime.test
-    def _program() -> None:
-        box.append(program())
-
-    _program()
-    return box[0]
-
-
-def run_main() -> dict[str, Any]:
-    """Run __main__.py as the CLI would; returns the stack's exports."""
-    run(lambda: runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__"))
-    root = get_root_resource()
-    assert root is not None
-    return dict(root.outputs)  # type: ignore[attr-defined]
 
 
 def resolve(output: Any) -> Any:

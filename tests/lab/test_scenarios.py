@@ -7,18 +7,17 @@ every web server UP), which the autouse ``settled`` fixture enforces and checks.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from components.render import OWNERSHIP_CHECK_INTERVAL
-from lab.cluster import LabCluster, wait_for
+from lab.cluster import LabCluster, assign_calls, wait_for
 from lab.netns import requirements_missing
+from lab.scenarios import check_round_robin, check_sticky
 from lab.topology import CLIENT_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
-from lab.traffic import TrafficStream, fetch, outage
+from lab.traffic import TrafficStream, outage
 
 pytestmark = pytest.mark.lab
 LAB_REASON = requirements_missing()
@@ -58,72 +57,21 @@ def settled(cluster: LabCluster) -> Iterator[LabCluster]:
     restore(cluster)
 
 
-def get(c: LabCluster, url: str | None = None, **kw: Any) -> dict[str, Any]:
-    return c.lab.client.call(fetch, url or c.url, **kw)  # type: ignore[no-any-return]
-
-
-def api_calls(c: LabCluster, since: float) -> list[dict[str, Any]]:
-    assert c.api is not None
-    return [x for x in c.api.client.calls() if x["ts"] >= since]
-
-
-def assigns(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [x for x in calls if x["method"] == "POST" and x["path"].endswith("/actions/assign")]
-
-
-def wait_recovered(stream: TrafficStream, since: float, timeout: float = 10.0) -> None:
-    """The stream saw failures after ``since`` and then answers again."""
-
-    def recovered() -> bool:
-        recs = [r for r in stream.records() if r["ts"] >= since]
-        fails = [r["ts"] for r in recs if not r["ok"]]
-        return bool(fails) and any(r["ok"] and r["ts"] > fails[-1] + 0.2 for r in recs)
-
-    wait_for(recovered, timeout, "clients to recover through the new master")
-
-
-def wait_owner(c: LabCluster, lb: str, timeout: float = 10.0) -> None:
-    """The API shows the IP assigned to ``lb`` and the client's route points there."""
-    wait_for(
-        lambda: c.assigned() == lb and c.lab.floating_ip_target() == lb,
-        timeout,
-        f"floating IP assigned and routed to {lb}",
-    )
-
-
 # -- 1 -----------------------------------------------------------------------------------
 def test_round_robin_across_web_servers(cluster: LabCluster) -> None:
-    served = [get(cluster)["served_by"] for _ in range(6)]
-    assert sorted(served) == ["web1"] * 3 + ["web2"] * 3, served
-    assert all(a != b for a, b in itertools.pairwise(served)), served
+    check_round_robin(cluster)
 
 
 # -- 2 -----------------------------------------------------------------------------------
-def _sticky(c: LabCluster, expect_cookie_value: str) -> None:
-    for _ in range(2):  # each server hands out its own cookie, and keeps its clients
-        first = get(c)
-        assert first["ok"], first
-        owner = first["served_by"]
-        cookie = (first.get("set_cookie") or "").split(";", 1)[0]
-        assert cookie.startswith(f"JSESSIONID={owner}"), first
-        assert expect_cookie_value in ("prefix", "insert")
-        if expect_cookie_value == "prefix":  # the application's cookie, prefixed: web1~<id>
-            assert cookie.startswith(f"JSESSIONID={owner}~") and len(cookie) > 20, cookie
-        else:  # HAProxy's own cookie holds just the server id
-            assert cookie == f"JSESSIONID={owner}", cookie
-        served = {get(c, cookie=cookie)["served_by"] for _ in range(6)}
-        assert served == {owner}, (cookie, served)
-
-
 def test_cookie_stickiness_prefix_mode(cluster: LabCluster) -> None:
     assert cluster.settings is not None and cluster.settings.cookie_mode == "prefix"
-    _sticky(cluster, "prefix")
+    check_sticky(cluster, "prefix")
 
 
 def test_cookie_stickiness_insert_mode(cluster: LabCluster) -> None:
     cluster.reconfigure(cookie_mode="insert")
     try:
-        _sticky(cluster, "insert")
+        check_sticky(cluster, "insert")
     finally:
         cluster.reconfigure(cookie_mode="prefix")
 
@@ -170,12 +118,12 @@ def test_haproxy_crash_moves_ip_to_lb2(cluster: LabCluster) -> None:
         time.sleep(0.3)
         t0 = time.time()
         cluster.kill_haproxy("lb1")
-        wait_owner(cluster, "lb2")
+        cluster.wait_owner("lb2")
         wait_for(lambda: cluster.masters() == ["lb2"], 5, "lb2 sole VRRP master")
-        wait_recovered(stream, t0)
+        stream.wait_recovered(t0)
     finally:
         records = stream.stop()
-    posts = assigns(api_calls(cluster, t0))
+    posts = assign_calls(cluster.api_calls(t0))
     assert posts and posts[-1]["server"] == LB_SERVER_IDS["lb2"] and posts[-1]["status"] == 201
     assert all(p["server"] == LB_SERVER_IDS["lb2"] for p in posts), posts
     gap = outage(records, t0)
@@ -191,12 +139,12 @@ def test_master_host_vanishes(cluster: LabCluster) -> None:
         time.sleep(0.3)
         t0 = time.time()
         cluster.vanish("lb1")
-        wait_owner(cluster, "lb2")
+        cluster.wait_owner("lb2")
         wait_for(lambda: cluster.is_master("lb2"), 5, "lb2 VRRP master")
-        wait_recovered(stream, t0)
+        stream.wait_recovered(t0)
     finally:
         records = stream.stop()
-    posts = assigns(api_calls(cluster, t0))
+    posts = assign_calls(cluster.api_calls(t0))
     assert [p["server"] for p in posts if p["status"] == 201] == [LB_SERVER_IDS["lb2"]]
     gap = outage(records, t0)
     assert gap.recovered and gap.gap < 5.0, gap
@@ -205,14 +153,14 @@ def test_master_host_vanishes(cluster: LabCluster) -> None:
 # -- 6 -----------------------------------------------------------------------------------
 def test_master_returns_and_takes_ip_back_without_flapping(cluster: LabCluster) -> None:
     cluster.vanish("lb1")
-    wait_owner(cluster, "lb2")
+    cluster.wait_owner("lb2")
     lb2_masters = cluster.vrrp_transitions("lb2", "MASTER")
     t0 = time.time()
     cluster.return_host("lb1")
     cluster.wait_settled(15)
     time.sleep(3.0)  # watch a quiet window: nothing may move any more
-    calls = api_calls(cluster, t0)
-    posts = [p for p in assigns(calls) if p["status"] == 201]
+    calls = cluster.api_calls(t0)
+    posts = [p for p in assign_calls(calls) if p["status"] == 201]
     assert [p["server"] for p in posts] == [LB_SERVER_IDS["lb1"]], posts
     assert cluster.masters() == ["lb1"]
     assert cluster.assigned() == "lb1" and cluster.lab.floating_ip_target() == "lb1"
@@ -230,9 +178,9 @@ def test_api_transient_failures_are_retried(cluster: LabCluster) -> None:
     log_before = len(cluster.failover_log("lb2"))
     t0 = time.time()
     cluster.kill_haproxy("lb1")
-    wait_owner(cluster, "lb2", timeout=15)
+    cluster.wait_owner("lb2", timeout=15)
     log = cluster.failover_log("lb2")[log_before:]
-    posts = assigns(api_calls(cluster, t0))
+    posts = assign_calls(cluster.api_calls(t0))
     assert [p["status"] for p in posts] == [423, 429, 500, 201], posts
     assert "API busy (attempt 1): HTTP 423 locked" in log, log
     assert "API busy (attempt 2): HTTP 429 rate_limit_exceeded" in log, log
@@ -248,27 +196,27 @@ def test_split_brain_ends_with_one_owner(cluster: LabCluster) -> None:
     cluster.partition_lbs()
     try:
         wait_for(lambda: cluster.masters() == ["lb1", "lb2"], 5, "both LBs VRRP master")
-        wait_owner(cluster, "lb2")  # the newer master claimed it last
+        cluster.wait_owner("lb2")  # the newer master claimed it last
         time.sleep(1.0)  # a split brain that lasts: both keep advertising
     finally:
         cluster.heal_lbs()
     wait_for(lambda: cluster.masters() == ["lb1"], 5, "lb2 back to BACKUP")
     # notify_master_rx_lower_pri re-claims when lb1 hears lb2's lower-priority advert; if
     # lb2 went BACKUP first, lb1's periodic ownership check claims the address instead.
-    wait_owner(cluster, "lb1", timeout=OWNERSHIP_CHECK_INTERVAL + 5)
+    cluster.wait_owner("lb1", timeout=OWNERSHIP_CHECK_INTERVAL + 5)
     time.sleep(1.5)
     assert cluster.masters() == ["lb1"]
     assert cluster.assigned() == "lb1" and cluster.lab.floating_ip_target() == "lb1"
-    posts = [p["server"] for p in assigns(api_calls(cluster, t0)) if p["status"] == 201]
+    posts = [p["server"] for p in assign_calls(cluster.api_calls(t0)) if p["status"] == 201]
     assert posts[-1] == LB_SERVER_IDS["lb1"], posts
-    assert get(cluster)["ok"]
+    assert cluster.get()["ok"]
 
 
 # -- 9 -----------------------------------------------------------------------------------
 def test_access_log_shows_client_address_and_no_health_checks(cluster: LabCluster) -> None:
     before = {w.name: len(cluster.access_log(w.name)) for w in cluster.lab.webs}
     for _ in range(4):
-        assert get(cluster, cluster.url + "?from-test-9")["ok"]
+        assert cluster.get(cluster.url + "?from-test-9")["ok"]
     time.sleep(2 * 0.5 + 0.3)  # a few health-check rounds (500 ms interval)
     for web in cluster.lab.webs:
         new = cluster.access_log(web.name)[before[web.name] :].splitlines()
@@ -282,7 +230,7 @@ def test_access_log_shows_client_address_and_no_health_checks(cluster: LabCluste
 # -- 10 ----------------------------------------------------------------------------------
 def test_stats_page_needs_the_password(cluster: LabCluster) -> None:
     user = cluster.stats_user
-    assert get(cluster, cluster.stats_url)["status"] == 401
-    assert get(cluster, cluster.stats_url, auth=(user, "wrong-password"))["status"] == 401
-    good = get(cluster, cluster.stats_url, auth=(user, cluster.stats_password))
+    assert cluster.get(cluster.stats_url)["status"] == 401
+    assert cluster.get(cluster.stats_url, auth=(user, "wrong-password"))["status"] == 401
+    good = cluster.get(cluster.stats_url, auth=(user, cluster.stats_password))
     assert good["status"] == 200, good

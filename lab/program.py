@@ -1,0 +1,259 @@
+"""The Pulumi program under Pulumi's mocks: what `pulumi up` would register, as plain values.
+
+The unit tests and the local cloud tier both run the program this way:
+
+* `Mocks` fills in what the providers compute (ids, addresses, generated passwords). By
+  default it invents stable values; given `ProviderFacts` it answers with the lab's
+  (server ids the fake Hetzner API knows, addresses the lab's hosts have, the lab's
+  floating IP), so the program renders for the hosts that will run its steps.
+* `RecordingMonitor` keeps every RegisterResource request exactly as the SDK sent it.
+* `run_main` runs `__main__.py` with a stack config, as the CLI would.
+* `remote_steps` turns the recorded `remote.Command`s into `RemoteStep`s: the command
+  text, its stdin, its triggers, the server address it connects to and the steps it
+  waits for. That is what the cloud tier executes over SSH, so it runs the very steps
+  `pulumi up` would, never a copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import runpy
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pulumi
+from google.protobuf import json_format
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
+from pulumi.runtime.settings import get_root_resource, set_root_resource
+
+from components.config import PROJECT
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMAND_TYPE = "command:remote:Command"
+SERVER_TYPE = "hcloud:index/server:Server"
+FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProviderFacts:
+    """What Hetzner would answer for the servers and the floating IP, by resource name."""
+
+    servers: Mapping[str, tuple[int, str]]
+    """Server resource name (e.g. "hcloud-ha-web-lb1") -> (server id, IPv4 address)."""
+    floating_ip: tuple[int, str]
+    """(floating IP id, address)."""
+
+
+class Mocks(pulumi.runtime.Mocks):
+    """Fills in what providers compute: numeric ids, addresses, generated passwords."""
+
+    def __init__(self, facts: ProviderFacts | None = None) -> None:
+        self.facts = facts
+        self._ids = itertools.count(1001)
+        self._hosts = itertools.count(10)
+        # Same logical name, same id and address: a program run twice sees equal facts.
+        self._by_name: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        outputs = dict(args.inputs)
+        key = (args.typ, args.name)
+        if key not in self._by_name:
+            self._by_name[key] = (str(next(self._ids)), next(self._hosts))
+        rid, host = self._by_name[key]
+        if args.typ == SERVER_TYPE:
+            outputs["ipv4Address"] = f"203.0.113.{host}"
+            outputs["ipv6Address"] = f"2001:db8:{host:x}::1"
+            outputs["status"] = "running"
+            if self.facts is not None:
+                if args.name not in self.facts.servers:
+                    raise KeyError(f"no provider facts for server {args.name!r}")
+                server_id, address = self.facts.servers[args.name]
+                rid, outputs["ipv4Address"] = str(server_id), address
+        elif args.typ == FLOATING_IP_TYPE:
+            outputs["ipAddress"] = "192.0.2.44"
+            if self.facts is not None:
+                rid, outputs["ipAddress"] = (
+                    str(self.facts.floating_ip[0]),
+                    self.facts.floating_ip[1],
+                )
+        elif args.typ == "hcloud:index/networkSubnet:NetworkSubnet":
+            # The provider's subnet id is "<network id>-<ip range>".
+            rid = f"{args.inputs['networkId']}-{args.inputs['ipRange']}"
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            outputs["result"] = generated_password(
+                args.name, int(args.inputs["length"]), bool(args.inputs.get("special", True))
+            )
+        return rid, outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
+        return {}, None
+
+
+def generated_password(name: str, length: int, special: bool) -> str:
+    alphabet = string.ascii_letters + string.digits + ("!#%&*+-=?@^_" if special else "")
+    seed = sum(map(ord, name))
+    return "".join(alphabet[(seed + 7 * i) % len(alphabet)] for i in range(length))
+
+
+@dataclass
+class Registration:
+    """One RegisterResource request as the engine would receive it."""
+
+    type: str
+    name: str
+    urn: str
+    parent: str
+    custom: bool
+    dependencies: list[str]
+    ignore_changes: list[str]
+    inputs: dict[str, Any]  # deserialized (secrets unwrapped)
+    wire: dict[str, Any]  # serialized, secret values still wrapped
+    id: str = ""
+    state: dict[str, Any] = field(default_factory=dict)  # what the mocked provider returned
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    """Pulumi's MockMonitor, keeping every request it receives."""
+
+    registrations: list[Registration]
+    outputs: dict[str, dict[str, Any]]
+
+    def __init__(self, mocks: Mocks) -> None:
+        super().__init__(mocks)
+        self.registrations = []
+        self.outputs = {}
+
+    def RegisterResource(self, request: Any) -> Any:
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            self.registrations.append(
+                Registration(
+                    type=request.type,
+                    name=request.name,
+                    urn=response.urn,
+                    parent=request.parent,
+                    custom=request.custom,
+                    dependencies=list(request.dependencies),
+                    ignore_changes=list(request.ignoreChanges),
+                    inputs=rpc.deserialize_properties(request.object),
+                    wire=json_format.MessageToDict(request.object),
+                    id=response.id,
+                    state=rpc.deserialize_properties(response.object),
+                )
+            )
+        return response
+
+    def RegisterResourceOutputs(self, request: Any) -> Any:
+        self.outputs[request.urn] = json_format.MessageToDict(request.outputs)
+        return super().RegisterResourceOutputs(request)
+
+    # --- queries ---------------------------------------------------------------------
+
+    def of_type(self, type_: str) -> list[Registration]:
+        return [r for r in self.registrations if r.type == type_]
+
+    def named(self, name: str) -> Registration:
+        found = [r for r in self.registrations if r.name == name]
+        assert len(found) == 1, f"expected one resource named {name!r}, found {len(found)}"
+        return found[0]
+
+    def by_urn(self, urn: str) -> Registration:
+        return next(r for r in self.registrations if r.urn == urn)
+
+
+def install_mocks(
+    mocks: Mocks,
+    stack: str,
+    config: Mapping[str, str] | None = None,
+    secret_keys: list[str] | None = None,
+) -> RecordingMonitor:
+    """Fresh mocks, a fresh root stack and the given config (project keys namespaced)."""
+    monitor = RecordingMonitor(mocks)
+    set_root_resource(None)  # type: ignore[arg-type]
+    pulumi.runtime.set_all_config(dict(config or {}), list(secret_keys or []))
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    return monitor
+
+
+def run(program: Callable[[], T]) -> T:
+    """Run `program` under the installed mocks; wait until every registration has finished."""
+    box: list[T] = []
+
+    @pulumi.runtime.test
+    def _program() -> None:
+        box.append(program())
+
+    _program()
+    return box[0]
+
+
+def run_main() -> dict[str, Any]:
+    """Run __main__.py as the CLI would; returns the stack's exports."""
+    run(lambda: runpy.run_path(str(REPO_ROOT / "__main__.py"), run_name="__main__"))
+    root = get_root_resource()
+    assert root is not None
+    return dict(root.outputs)  # type: ignore[attr-defined]
+
+
+# --- the remote steps ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteStep:
+    """One `remote.Command` as registered: what runs where, fed what, after what."""
+
+    name: str
+    host: str
+    """`connection.host`: the server address the step connects to."""
+    user: str
+    create: str
+    stdin: str = field(repr=False)
+    triggers: tuple[str, ...] = field(repr=False)
+    after: tuple[str, ...]
+    """Names of the steps this one waits for (its dependencies that are steps)."""
+
+    @property
+    def inputs(self) -> tuple[str, str, str, str, tuple[str, ...]]:
+        """What the engine diffs: a step re-runs on `pulumi up` when any of these changed."""
+        return (self.host, self.user, self.create, self.stdin, self.triggers)
+
+
+def remote_steps(monitor: RecordingMonitor) -> dict[str, RemoteStep]:
+    """Every recorded remote step by name, in registration order."""
+    commands = monitor.of_type(COMMAND_TYPE)
+    names = {c.urn: c.name for c in commands}
+    steps: dict[str, RemoteStep] = {}
+    for c in commands:
+        connection = c.inputs["connection"]
+        steps[c.name] = RemoteStep(
+            name=c.name,
+            host=str(connection["host"]),
+            user=str(connection.get("user", "root")),
+            create=str(c.inputs["create"]),
+            stdin=str(c.inputs.get("stdin", "")),
+            triggers=tuple(str(t) for t in c.inputs.get("triggers", [])),
+            after=tuple(names[d] for d in c.dependencies if d in names),
+        )
+    return steps
+
+
+def program_steps(
+    config: Mapping[str, str],
+    secret_keys: list[str],
+    facts: ProviderFacts,
+    stack: str = "lab",
+) -> dict[str, RemoteStep]:
+    """Run the program (`__main__.py`) with `config` under mocks answering `facts`;
+    the remote steps it registers."""
+    monitor = install_mocks(Mocks(facts), stack, config, secret_keys)
+    try:
+        run_main()
+    finally:
+        pulumi.runtime.set_all_config({}, [])
+    return remote_steps(monitor)
