@@ -249,7 +249,8 @@ class ClusterView:
 
     def get(self, url: str | None = None, **kw: Any) -> dict[str, Any]:
         """One request from the client host (`lab.traffic.fetch`), to the site by default."""
-        return self.lab.client.call(fetch, url or self.url, **kw)  # type: ignore[no-any-return]
+        result: dict[str, Any] = self.lab.client.call(fetch, url or self.url, **kw)
+        return result
 
     def api_calls(self, since: float) -> list[dict[str, Any]]:
         """The fake API's call log since ``since`` (epoch seconds)."""

@@ -130,7 +130,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         self.outputs = {}
 
     def RegisterResource(self, request: Any) -> Any:
-        response = super().RegisterResource(request)
+        response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
         if request.type != "pulumi:pulumi:Stack":
             self.registrations.append(
                 Registration(
@@ -151,7 +151,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
 
     def RegisterResourceOutputs(self, request: Any) -> Any:
         self.outputs[request.urn] = json_format.MessageToDict(request.outputs)
-        return super().RegisterResourceOutputs(request)
+        return super().RegisterResourceOutputs(request)  # type: ignore[no-untyped-call]
 
     # --- queries ---------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ def run(program: Callable[[], T]) -> T:
     """Run `program` under the installed mocks; wait until every registration has finished."""
     box: list[T] = []
 
-    @pulumi.runtime.test
+    @pulumi.runtime.test  # type: ignore[untyped-decorator]
     def _program() -> None:
         box.append(program())
 
