@@ -82,17 +82,20 @@ if ! out=$( ( {validate_command(daemon, layout)}
   echo "hcloud-ha-web: {daemon.name} config rejected on $(hostname); running config untouched" >&2
   exit 1
 fi
-changed=0
+changed=""
 install_file() {{
   if ! cmp -s "$stage$1" "$1"; then
-    mkdir -p "$(dirname "$1")"
+    # New directories are traversable (a docroot must be, for www-data); secrets are
+    # protected by their files' own modes.
+    (umask 022 && mkdir -p "$(dirname "$1")")
     install -m "$2" -o "${{3%%:*}}" -g "${{3##*:}}" "$stage$1" "$1.hcloud-ha-web-new"
     mv -f "$1.hcloud-ha-web-new" "$1"
-    changed=1
+    changed="$changed $1"
   fi
 }}
 {installs}
-if [ "$changed" = 1 ]; then
+if [ -n "$changed" ]; then
+  export CHANGED="$changed"  # the activate command may look at which files changed
   {activate_command(daemon, layout)}
   echo "hcloud-ha-web: {daemon.name} updated and reloaded"
 else

@@ -61,7 +61,8 @@ class DaemonSpec:
     """One remote step per host: files shipped together, checked, then activated.
 
     `validate` and `activate` are shell; `{root}` is the host's path prefix and the
-    validate command finds the staged files under "$STAGE{root}".
+    validate command finds the staged files under "$STAGE{root}". `activate` runs only
+    when a file changed, with the changed paths in "$CHANGED" (space separated).
     """
 
     name: str
@@ -78,8 +79,9 @@ cp -a "$base/." "$cfg/" && cp -a "$STAGE{root}/etc/apache2/." "$cfg/"
 for m in remoteip usertrack; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
 ln -sf ../sites-available/hcloud-ha-web.conf "$cfg/sites-enabled/hcloud-ha-web.conf"
 rm -f "$cfg/sites-enabled/000-default.conf"
-(. /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" && mkdir -p "$APACHE_RUN_DIR" \
-  && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
+# envvars reads variables it may not find set: source it without the step's `set -u`
+(set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
+  && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
 """
 
 DAEMONS: tuple[DaemonSpec, ...] = (
@@ -99,7 +101,11 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         activate=(
             "a2enmod -q remoteip usertrack && a2ensite -q hcloud-ha-web"
             " && { a2dissite -q 000-default 2>/dev/null || true; }"
-            " && systemctl enable -q apache2 && systemctl reload-or-restart apache2"
+            " && systemctl enable -q apache2"
+            # A graceful restart keeps the old listening sockets: it cannot move a Listen to
+            # another address (the first run replaces Debian's `Listen 80`). Restart then.
+            ' && case " $CHANGED " in *" {root}/etc/apache2/ports.conf "*)'
+            " systemctl restart apache2 ;; *) systemctl reload-or-restart apache2 ;; esac"
         ),
     ),
     DaemonSpec(

@@ -20,7 +20,7 @@ import itertools
 import runpy
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -224,12 +224,24 @@ class RemoteStep:
         return (self.host, self.user, self.create, self.stdin, self.triggers)
 
 
+def reveal(value: Any) -> Any:
+    """``value`` with every secret wrapper (as the engine receives it) replaced by its value."""
+    if isinstance(value, dict):
+        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+            return reveal(value["value"])
+        return {k: reveal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reveal(v) for v in value]
+    return value
+
+
 def remote_steps(monitor: RecordingMonitor) -> dict[str, RemoteStep]:
     """Every recorded remote step by name, in registration order."""
     commands = monitor.of_type(COMMAND_TYPE)
     names = {c.urn: c.name for c in commands}
     steps: dict[str, RemoteStep] = {}
-    for c in commands:
+    for command in commands:
+        c = replace(command, inputs=reveal(command.inputs))
         connection = c.inputs["connection"]
         steps[c.name] = RemoteStep(
             name=c.name,

@@ -1,0 +1,262 @@
+"""The whole cluster on booted Debian hosts, provisioned by the program's own remote steps.
+
+``CloudCluster(image="debian-13")`` builds the lab topology (`lab.topology.LabNetwork`,
+without pre-set floating IPs: provisioning adds them), starts the fake Hetzner API, and
+boots one systemd-nspawn host (`lab.cloud.nspawn`) inside each server's namespace: lb1,
+lb2 and the web servers, all from the image the settings name.
+
+:meth:`plan` runs the Pulumi program (`__main__.py`) under mocks whose servers are these
+hosts: server ids the fake API knows, addresses the hosts have, the lab's floating IP, a
+stack config made from the lab's `Settings` and secrets (the lab's SSH key, the fake
+API's token). :meth:`apply` runs the resulting remote steps over SSH
+(`lab.cloud.apply`), keeping what was applied so a later apply runs only changed steps.
+
+Observation (`lab.cluster.ClusterView`) works as for the process lab, through the host
+namespaces and over SSH: systemd states, the journal, HAProxy's runtime socket.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from components.config import PROJECT, Settings, settings_to_config
+from lab import topology as topo
+from lab.cloud.apply import ApplyResult, apply
+from lab.cloud.nspawn import BootTiming, CloudError, CloudHost, CloudLab, Log, parallel
+from lab.cluster import ClusterView, lab_settings, wait_for
+from lab.fake_hcloud import FakeApi, launch
+from lab.program import ProviderFacts, RemoteStep, program_steps
+from lab.topology import LabNetwork
+
+STATS_PASSWORD = "cloud-lab-stats-password"
+#: systemd units of the daemons, by the names the scenarios use
+UNITS = {"apache2": "apache2", "haproxy": "haproxy", "keepalived": "keepalived"}
+HAPROXY_SOCKET = "/run/haproxy/admin.sock"
+_SOCKET_CLIENT = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX)\n"
+    "s.settimeout(float(sys.argv[2]))\n"
+    "s.connect(sys.argv[1])\n"
+    "s.sendall(sys.stdin.buffer.read())\n"
+    "for _ in range(10000):\n"
+    "    b=s.recv(65536)\n"
+    "    if not b: break\n"
+    "    sys.stdout.buffer.write(b)\n"
+)
+
+
+class CloudCluster(ClusterView):
+    """Booted hosts in the lab topology; :meth:`close` tears everything down."""
+
+    def __init__(
+        self,
+        image: str = "debian-13",
+        web_count: int = 2,
+        *,
+        log: Log | None = None,
+        **settings_overrides: Any,
+    ) -> None:
+        self.image = image
+        self.web_count = web_count
+        self.settings_overrides = settings_overrides
+        self._log = log
+        self.lab = LabNetwork(web_count, floating_ip_on_lbs=False)
+        self.api: FakeApi | None = None
+        self.settings: Settings | None = None
+        self.stats_password = STATS_PASSWORD
+        self.cloud: CloudLab | None = None
+        self.hosts: dict[str, CloudHost] = {}
+        self.boot_timings: dict[str, BootTiming] = {}
+        #: the steps as last applied (what the engine's state would hold)
+        self.applied: dict[str, RemoteStep] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> CloudCluster:
+        try:
+            self.lab.start()
+            self.api = launch(self.lab)
+            self.settings = lab_settings(
+                self.web_count, self.api.url, image=self.image, **self.settings_overrides
+            )
+            self.cloud = CloudLab(log=self._log)
+            for name in self.names:
+                self.hosts[name] = self.cloud.host(name, self.lab[name].ns, self.image)
+            self.boot_timings = self.cloud.boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Hosts first (they live in the topology's namespaces), then the topology."""
+        try:
+            if self.cloud is not None:
+                self.cloud.close()
+        finally:
+            self.lab.close()
+
+    def __enter__(self) -> CloudCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def names(self) -> list[str]:
+        return [*topo.LB_NAMES, *(topo.web_name(k) for k in range(1, self.web_count + 1))]
+
+    # -- the program -----------------------------------------------------------------
+    def address(self, name: str) -> str:
+        """The address a step connects to: the LBs' public IP; web servers have none in
+        the lab (the client cannot reach the private network), so their private one."""
+        host = self.lab[name]
+        address = host.public_ip or host.private_ip
+        assert address is not None
+        return address
+
+    def facts(self) -> ProviderFacts:
+        assert self.settings is not None
+        ids = {
+            **topo.LB_SERVER_IDS,
+            **{topo.web_name(k): topo.web_server_id(k) for k in range(1, self.web_count + 1)},
+        }
+        return ProviderFacts(
+            servers={
+                f"{self.settings.cluster_name}-{n}": (ids[n], self.address(n)) for n in self.names
+            },
+            floating_ip=(topo.FLOATING_IP_ID, topo.FLOATING_IP),
+        )
+
+    def stack_config(self) -> tuple[dict[str, str], list[str]]:
+        """The stack config `pulumi up` would read, and its secret keys."""
+        assert self.settings is not None and self.api is not None and self.cloud is not None
+        values = settings_to_config(self.settings)
+        values |= {
+            "sshPrivateKey": self.cloud.key_path.read_text(),
+            "failoverToken": self.api.token,
+            "statsPassword": self.stats_password,
+        }
+        config = {f"{PROJECT}:{k}": v for k, v in values.items()}
+        secret = [f"{PROJECT}:{k}" for k in ("sshPrivateKey", "failoverToken", "statsPassword")]
+        return config, secret
+
+    def plan(self) -> dict[str, RemoteStep]:
+        """The remote steps the program registers for this cluster (under mocks)."""
+        config, secret_keys = self.stack_config()
+        return program_steps(config, secret_keys, self.facts())
+
+    def apply(
+        self, steps: Mapping[str, RemoteStep] | None = None, *, force: bool = False
+    ) -> ApplyResult:
+        """Run what changed since the last apply (everything the first time or with
+        ``force``); successful steps become the new applied state, as in the engine."""
+        steps = dict(steps if steps is not None else self.plan())
+        by_address = {self.address(n): h for n, h in self.hosts.items()}
+        result = apply(steps, by_address, self.applied or None, force=force)
+        for name, run in result.runs.items():
+            if run.status == "ran":
+                self.applied[name] = steps[name]
+        return result
+
+    # -- hosts -----------------------------------------------------------------------
+    def ssh(self, name: str, command: str, **kw: Any) -> str:
+        return self.hosts[name].ssh(command, **kw).stdout
+
+    def main_pids(self, name: str) -> dict[str, int]:
+        """MainPID of each daemon unit of ``name`` (0: not running)."""
+        units = ["apache2"] if name.startswith("web") else ["haproxy", "keepalived"]
+        out = self.ssh(name, "systemctl show -p MainPID --value " + " ".join(units)).split()
+        return {u: int(p) for u, p in zip(units, out, strict=True)}
+
+    def stop_unit(self, name: str, daemon: str) -> None:
+        self.ssh(name, f"systemctl stop {UNITS[daemon]}")
+
+    def start_unit(self, name: str, daemon: str) -> None:
+        self.ssh(name, f"systemctl start {UNITS[daemon]}")
+
+    def kill_unit(self, name: str, daemon: str, sig: int = signal.SIGKILL) -> None:
+        """Crash: every process of the unit gets ``sig`` (systemd's restart policy applies)."""
+        self.ssh(name, f"systemctl kill --signal={int(sig)} {UNITS[daemon]}")
+
+    def power_off(self, name: str) -> None:
+        """The host goes away: container stopped, and what its kernel held in the
+        namespace (addresses it added, sysctls) is gone, as after a real power cycle."""
+        self.hosts[name].stop()
+        ns = self.lab[name]
+        for iface in ("lo", ns.public_iface, ns.private_iface):
+            if iface:
+                ns.ip("-4", "addr", "del", f"{topo.FLOATING_IP}/32", "dev", iface, check=False)
+        ns.run(["sysctl", "-q", "-w", "net.ipv4.ip_nonlocal_bind=0"])
+
+    def power_on(self, name: str) -> BootTiming:
+        return self.hosts[name].start(wait=True)
+
+    def reboot(self, *names: str) -> dict[str, BootTiming]:
+        """Power-cycle hosts (in parallel); back when systemd reports the boot finished."""
+        parallel(self.power_off, names)
+        return dict(zip(names, parallel(self.power_on, names), strict=True))
+
+    def wait_active(self, name: str, timeout: float = 30.0) -> None:
+        units = ["apache2"] if name.startswith("web") else ["haproxy", "keepalived"]
+        wait_for(
+            lambda: all(self.running(name, u) for u in units),
+            timeout,
+            f"{', '.join(units)} active on {name}",
+            step=0.3,
+        )
+
+    # -- ClusterView -------------------------------------------------------------------
+    def running(self, name: str, daemon: str) -> bool:
+        if not self.hosts[name].running:
+            return False
+        r = self.hosts[name].ssh(f"systemctl is-active --quiet {UNITS[daemon]}", check=False)
+        return r.returncode == 0
+
+    def haproxy_command(self, name: str, command: str, timeout: float = 2.0) -> str:
+        script = shlex.quote(_SOCKET_CLIENT)
+        return self.ssh(
+            name,
+            f"python3 -c {script} {HAPROXY_SOCKET} {timeout}",
+            stdin=command + "\n",
+            timeout=timeout + 10,
+        )
+
+    def daemon_log(self, name: str, daemon: str) -> str:
+        if not self.hosts[name].running:
+            return ""
+        return self.ssh(name, f"journalctl -q --no-pager -o cat -u {UNITS[daemon]}", check=False)
+
+    def failover_log(self, name: str) -> str:
+        if not self.hosts[name].running:
+            return ""
+        return self.ssh(name, "journalctl -q --no-pager -o cat -t hcloud-floating-ip", check=False)
+
+    def memory_peaks(self) -> dict[str, int]:
+        """Highest anonymous memory sampled per host over its life, in bytes."""
+        return {n: h.anon_peak_bytes() for n, h in self.hosts.items()}
+
+
+def main() -> int:
+    """``python -m lab.cloud.cluster``: boot, provision, print the state, tear down."""
+    with CloudCluster(log=lambda m: print(m, file=sys.stderr)) as c:
+        result = c.apply()
+        for run in result.runs.values():
+            print(f"{run.name:32} {run.status:9} {run.seconds:6.1f}s")
+        if not result.ok:
+            print(result.failure(), file=sys.stderr)
+            return 1
+        c.wait_settled(30)
+        print(c.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except CloudError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(1) from None
