@@ -34,10 +34,16 @@ APPLY_TIMEOUT = 1800.0
 class StepRun:
     name: str
     status: Status
-    seconds: float = 0.0
+    started: float = 0.0
+    """time.monotonic() when the step started (0: it did not run)."""
+    finished: float = 0.0
     returncode: int | None = None
     stdout: str = ""
     stderr: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,9 @@ def apply(
                 step.create, stdin=step.stdin, timeout=step_timeout, check=False
             )
         except CloudError as exc:
-            return StepRun(step.name, "failed", time.monotonic() - t0, None, "", str(exc))
+            return StepRun(step.name, "failed", t0, time.monotonic(), None, "", str(exc))
         status: Status = "ran" if r.returncode == 0 else "failed"
-        return StepRun(step.name, status, time.monotonic() - t0, r.returncode, r.stdout, r.stderr)
+        return StepRun(step.name, status, t0, time.monotonic(), r.returncode, r.stdout, r.stderr)
 
     pending = set(todo)
     running: dict[Future[StepRun], str] = {}

@@ -590,7 +590,7 @@ if __name__ == "__main__":  # python -m lab.cloud.rootfs [suite...]
         print(
             json.dumps(
                 {
-                    "bench": "cloud.rootfs",
+                    "metric": "cloud.rootfs",
                     "suite": img.suite,
                     "built": img.built,
                     "seconds": round(img.seconds, 2),

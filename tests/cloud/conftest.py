@@ -11,7 +11,8 @@ host a namespace ``<prefix>-<name>`` with ``eth0`` (a veth into the switch)
 addressed from 198.18.0.0/24.  Nothing is created in the root namespace.
 
 Benchmarks are collected with the ``bench`` fixture and printed at the end of
-the session as JSON lines (``{"bench": "cloud.<what>", ...}``).
+the session as JSON lines, as ``make bench`` prints them
+(``{"metric": "cloud.<what>", "value": ..., "unit": ..., ...}``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 class Bench:
     def record(self, name: str, value: float | int, unit: str, **extra: Any) -> None:
         rec: dict[str, Any] = {
-            "bench": f"cloud.{name}",
+            "metric": f"cloud.{name}",
             "value": round(value, 3) if isinstance(value, float) else value,
             "unit": unit,
         }

@@ -1,0 +1,374 @@
+"""Local cloud, end to end: the program's own remote steps provision booted Debian hosts.
+
+Per image (Debian 13, the default, and Debian 12) one `CloudCluster` is booted in the lab
+topology: lb1, lb2, web1, web2 as systemd-nspawn hosts, each in its server's namespace,
+the fake Hetzner API beside them. The steps come from running `__main__.py` under Pulumi
+mocks whose servers are these hosts, and run over SSH in dependency order. Then, with
+systemd running every daemon: the lab scenarios, a re-run, a one-template change, an
+invalid template, and a reboot.
+
+Benchmarks (JSON lines, printed at the end): booted -> provisioned, one-template change,
+reboot -> serving, peak memory per host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+import pytest
+
+from components import render
+from lab.cloud.apply import ApplyResult, changed
+from lab.cloud.cluster import CloudCluster
+from lab.cluster import assign_calls, wait_for
+from lab.scenarios import check_round_robin, check_sticky
+from lab.topology import FLOATING_IP, LB_NAMES, LB_SERVER_IDS, PUBLIC_IFACE
+from lab.traffic import TrafficStream, outage
+
+if TYPE_CHECKING:
+    from tests.cloud.conftest import Bench
+
+pytestmark = pytest.mark.cloud
+
+IMAGES = ("debian-13", "debian-12")
+HAPROXY_TEMPLATE = "haproxy/haproxy.cfg.j2"
+HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
+UNITS_BY_ROLE = {"lb": ("haproxy", "keepalived"), "web": ("apache2",)}
+#: systemd's own journal lines when it (re)starts or reloads a unit
+LIFECYCLE_WORDS = ("Reloading", "Starting", "Stopping", "Started", "Reloaded")
+
+
+@pytest.fixture(scope="module", params=IMAGES)
+def provisioned(
+    request: pytest.FixtureRequest, cloud_prefix: str, bench: Bench
+) -> Iterator[tuple[CloudCluster, ApplyResult]]:
+    image: str = request.param
+    with CloudCluster(image) as c:
+        for name, t in c.boot_timings.items():
+            bench.record("boot_to_ssh", t.ssh_ready, "s", host=name, image=image)
+        t0 = time.monotonic()
+        result = c.apply()
+        assert result.ok, result.failure()
+        c.wait_settled(60)
+        bench.record(
+            "booted_to_provisioned",
+            time.monotonic() - t0,
+            "s",
+            image=image,
+            steps=len(result.runs),
+            apply_s=round(result.seconds, 2),
+            note="every step over SSH, apt from the mirror (proxy cache warm after the first "
+            "run on a machine), until lb1 is master with the IP and both webs are UP",
+        )
+        yield c, result
+        for name, peak in c.memory_peaks().items():
+            bench.record("memory_peak_per_host", peak / 2**20, "MiB", host=name, image=image)
+
+
+@pytest.fixture
+def cluster(provisioned: tuple[CloudCluster, ApplyResult]) -> Iterator[CloudCluster]:
+    """The module's cluster, settled before and after each test."""
+    c = provisioned[0]
+    c.wait_settled(30)
+    yield c
+    c.wait_settled(60)
+
+
+def role(name: str) -> str:
+    return "lb" if name in LB_NAMES else "web"
+
+
+def lifecycle_lines(c: CloudCluster, name: str, since: float) -> list[str]:
+    """systemd start/stop/reload lines of the daemons of ``name`` since ``since`` (epoch)."""
+    units = " ".join(f"-u {u}" for u in UNITS_BY_ROLE[role(name)])
+    out = c.ssh(name, f"journalctl -q --no-pager -o cat --since @{since:.3f} {units}", check=False)
+    return [ln for ln in out.splitlines() if ln.startswith(LIFECYCLE_WORDS)]
+
+
+def file_digest(c: CloudCluster, name: str, path: str) -> str:
+    return c.ssh(name, f"sha256sum {path}").split()[0]
+
+
+@contextlib.contextmanager
+def edited_templates(
+    edit: Callable[[str], str], template: str = HAPROXY_TEMPLATE
+) -> Iterator[None]:
+    """Render from a copy of templates/ with ``template`` edited, as a commit changing
+    that template would; the program itself is unchanged."""
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        shutil.copytree(render.TEMPLATE_DIR, tmp, dirs_exist_ok=True)
+        target = tmp / template
+        original = target.read_text()
+        edited = edit(original)
+        assert edited != original, "the edit changed nothing"
+        target.write_text(edited)
+        env = render._ENV  # the one Jinja2 environment the program renders with
+        loader = env.loader
+        env.loader = jinja2.FileSystemLoader(str(tmp))
+        try:
+            yield
+        finally:
+            env.loader = loader
+
+
+def add_to_frontend(line: str) -> Callable[[str], str]:
+    anchor = "    default_backend web\n"
+
+    def edit(text: str) -> str:
+        assert anchor in text
+        return text.replace(anchor, anchor + f"    {line}\n", 1)
+
+    return edit
+
+
+def response_headers(c: CloudCluster) -> str:
+    r = c.lab.client.run(["curl", "-sS", "-m", "3", "-D", "-", "-o", "/dev/null", c.url])
+    return r.stdout
+
+
+# -- provisioning ------------------------------------------------------------------------
+def test_program_steps_provision_every_host(
+    provisioned: tuple[CloudCluster, ApplyResult],
+) -> None:
+    c, result = provisioned
+    assert c.settings is not None
+    steps = c.applied
+    hosts = {n: role(n) for n in c.names}
+    expected = {
+        f"{c.settings.cluster_name}-{h}-{d}"
+        for h, r in hosts.items()
+        for d in ("base", *(x.name for x in render.daemons_for(r)))
+    }
+    assert set(result.runs) == expected
+    assert result.named("ran") == list(result.runs), result.runs
+    for name, run in result.runs.items():  # dependency order was kept
+        for before in steps[name].after:
+            assert result.runs[before].finished <= run.started, f"{name} began before {before}"
+    # ... and independent steps overlapped: the four base steps ran side by side
+    bases = [r for n, r in result.runs.items() if n.endswith("-base")]
+    assert max(r.started for r in bases) < min(r.finished for r in bases)
+    # packages came from the Debian mirror, through the lab's proxy (the hosts' only way out)
+    assert c.cloud is not None and c.cloud.proxy.stats["requests"] > 0
+    for name in c.names:
+        packages = render.PACKAGES[role(name)]
+        status = c.ssh(
+            name, "dpkg-query -W -f '${Package} ${db:Status-Status}\\n' " + " ".join(packages)
+        )
+        assert sorted(status.split("\n")[:-1]) == sorted(f"{p} installed" for p in packages)
+        for unit in UNITS_BY_ROLE[role(name)]:
+            state = c.ssh(name, f"systemctl is-active {unit}; systemctl is-enabled {unit}")
+            assert state.split() == ["active", "enabled"], (name, unit, state)
+    for lb in LB_NAMES:
+        assert c.ssh(lb, "systemctl is-active hcloud-floating-ip").strip() == "active"
+        shown = c.lab[lb].ip("-4", "-o", "addr", "show", "dev", PUBLIC_IFACE)
+        assert f" {FLOATING_IP}/32 " in shown, f"{lb}: the floating IP is not on {PUBLIC_IFACE}"
+
+
+# -- the lab scenarios, with systemd running the daemons ---------------------------------
+def test_round_robin_across_web_servers(cluster: CloudCluster) -> None:
+    check_round_robin(cluster)
+
+
+def test_cookie_stickiness(cluster: CloudCluster) -> None:
+    assert cluster.settings is not None
+    check_sticky(cluster, cluster.settings.cookie_mode)
+
+
+def test_web_server_failure_fails_no_request(cluster: CloudCluster) -> None:
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=30, timeout=5.0)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        cluster.stop_unit("web1", "apache2")
+        stopped = time.time()
+        for lb in LB_NAMES:
+            wait_for(
+                lambda lb=lb: cluster.server_status(lb)["web1"].startswith("DOWN"),
+                10,
+                f"web1 DOWN on {lb}",
+                step=0.2,
+            )
+        time.sleep(0.5)
+        restarted = time.time()
+        cluster.start_unit("web1", "apache2")
+        wait_for(lambda: cluster.backends_up("lb1"), 10, "web1 UP again", step=0.2)
+        back = time.time()
+        wait_for(
+            lambda: any(r["served_by"] == "web1" and r["ts"] > back for r in stream.records()),
+            10,
+            "web1 serving again",
+        )
+    finally:
+        records = stream.stop()
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, failed[:5]
+    during = [r for r in records if stopped < r["ts"] < restarted]
+    assert during and {r["served_by"] for r in during} == {"web2"}
+
+
+def test_lb_failover_through_the_api(cluster: CloudCluster) -> None:
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=60)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        t0 = time.time()
+        cluster.stop_unit("lb1", "haproxy")
+        cluster.wait_owner("lb2", timeout=15)
+        wait_for(lambda: cluster.masters() == ["lb2"], 10, "lb2 sole VRRP master")
+        stream.wait_recovered(t0, timeout=15)
+        posts = assign_calls(cluster.api_calls(t0))
+        assert posts and all(p["server"] == LB_SERVER_IDS["lb2"] for p in posts), posts
+        # lb1's HAProxy comes back: lb1 (higher priority) takes over again
+        t1 = time.time()
+        cluster.start_unit("lb1", "haproxy")
+        cluster.wait_settled(30)
+        time.sleep(1.0)
+    finally:
+        records = stream.stop()
+    back = [p for p in assign_calls(cluster.api_calls(t1)) if p["status"] == 201]
+    assert [p["server"] for p in back] == [LB_SERVER_IDS["lb1"]], back
+    gap = outage(records, t0)
+    assert gap.recovered and gap.gap < 5.0, gap
+    assert records[-1]["ok"], records[-3:]
+
+
+# -- re-running, changing, breaking ------------------------------------------------------
+def test_rerun_changes_nothing(cluster: CloudCluster) -> None:
+    again = cluster.plan()
+    assert changed(again, cluster.applied) == set(), "same program, same inputs: nothing to do"
+    pids = {n: cluster.main_pids(n) for n in cluster.names}
+    digests = {lb: file_digest(cluster, lb, HAPROXY_CFG) for lb in LB_NAMES}
+    since = time.time()
+    result = cluster.apply(again, force=True)  # every step once more, as on a replace
+    assert result.ok, result.failure()
+    assert result.named("ran") == list(result.runs)
+    for name, run in result.runs.items():
+        if not name.endswith("-base"):
+            assert "unchanged" in run.stdout, (name, run.stdout)
+    for name in cluster.names:
+        assert cluster.main_pids(name) == pids[name], f"{name}: a daemon was restarted"
+        assert lifecycle_lines(cluster, name, since) == [], f"{name}: a daemon was reloaded"
+    assert {lb: file_digest(cluster, lb, HAPROXY_CFG) for lb in LB_NAMES} == digests
+
+
+def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, bench: Bench) -> None:
+    header = "X-Hcloud-Ha-Web-Revision"
+    pids = {n: cluster.main_pids(n) for n in cluster.names}
+    before = dict(cluster.applied)
+    with edited_templates(add_to_frontend(f"http-response set-header {header} template-change")):
+        plan = cluster.plan()
+    touched = changed(plan, before)
+    assert touched == {f"{cluster.settings.cluster_name}-{lb}-haproxy" for lb in LB_NAMES}
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=60, timeout=5.0)
+    try:
+        stream.wait_started()
+        time.sleep(0.5)
+        since = time.time()
+        t0 = time.monotonic()
+        result = cluster.apply(plan)
+        took = time.monotonic() - t0
+        time.sleep(1.0)
+    finally:
+        records = stream.stop()
+    assert result.ok, result.failure()
+    assert set(result.named("ran")) == touched
+    bench.record("template_change_apply", took, "s", image=cluster.image, steps=len(touched))
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, failed[:5]
+    assert len(records) > 20
+    assert f"{header.lower()}: template-change" in response_headers(cluster).lower()
+    for name in cluster.names:
+        assert cluster.main_pids(name) == pids[name], f"{name}: restarted instead of reloaded"
+        lines = lifecycle_lines(cluster, name, since)
+        if name in LB_NAMES:
+            assert any(ln.startswith("Reloaded") and "HAProxy" in ln for ln in lines), lines
+            assert not any("eepalive" in ln for ln in lines), lines
+        else:
+            assert lines == [], f"{name}: {lines}"
+    # and back: the original template is one more change of the same two steps
+    back = cluster.apply()
+    assert back.ok and set(back.named("ran")) == touched, back.runs
+    assert header.lower() not in response_headers(cluster).lower()
+
+
+def test_invalid_config_fails_its_step_and_the_service_keeps_serving(
+    cluster: CloudCluster,
+) -> None:
+    pids = {lb: cluster.main_pids(lb) for lb in LB_NAMES}
+    digests = {lb: file_digest(cluster, lb, HAPROXY_CFG) for lb in LB_NAMES}
+    with edited_templates(add_to_frontend("this-is-not-a-directive on")):
+        plan = cluster.plan()
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=60, timeout=5.0)
+    try:
+        stream.wait_started()
+        result = cluster.apply(plan)
+        time.sleep(1.0)
+    finally:
+        records = stream.stop()
+    name = f"{cluster.settings.cluster_name}-%s-haproxy"
+    first, second = result.runs[name % "lb1"], result.runs[name % "lb2"]
+    assert first.status == "failed" and first.returncode == 1, first
+    assert "this-is-not-a-directive" in first.stderr, first.stderr
+    assert "config rejected on lb1; running config untouched" in first.stderr
+    assert second.status == "not run", "lb2 must not get a config lb1 rejected"
+    assert not [r for r in records if not r["ok"]], "requests failed during the broken apply"
+    for lb in LB_NAMES:
+        assert file_digest(cluster, lb, HAPROXY_CFG) == digests[lb]
+        assert cluster.main_pids(lb) == pids[lb]
+        assert cluster.running(lb, "haproxy")
+    assert cluster.get()["ok"]
+    # the failed step is not recorded as applied: the fixed program has nothing left to do
+    assert changed(cluster.plan(), cluster.applied) == set()
+
+
+# -- reboot ------------------------------------------------------------------------------
+def test_reboot_comes_back_with_floating_ip_and_services(
+    cluster: CloudCluster, bench: Bench
+) -> None:
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=120, timeout=2.0)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        t0 = time.time()
+        cluster.power_off("lb1")
+        cluster.wait_owner("lb2", timeout=15)
+        stream.wait_recovered(t0, timeout=15)
+        # the power cycle took the address with it
+        assert f" {FLOATING_IP}/32 " not in cluster.lab["lb1"].ip("-4", "-o", "addr", "show")
+        t1 = time.monotonic()
+        timing = cluster.power_on("lb1")
+        cluster.wait_active("lb1")
+        cluster.wait_settled(60)
+        back = time.monotonic() - t1
+    finally:
+        records = stream.stop()
+    bench.record(
+        "reboot_to_serving",
+        back,
+        "s",
+        image=cluster.image,
+        host="lb1",
+        boot_s=round(timing.system_ready, 2),
+        note="container start -> lb1 master again with the IP, both webs UP",
+    )
+    shown = cluster.lab["lb1"].ip("-4", "-o", "addr", "show", "dev", PUBLIC_IFACE)
+    assert f" {FLOATING_IP}/32 " in shown, "hcloud-floating-ip.service did not restore the IP"
+    assert cluster.ssh("lb1", "sysctl -n net.ipv4.ip_nonlocal_bind").strip() == "1"
+    for unit in ("hcloud-floating-ip", "haproxy", "keepalived"):
+        assert cluster.ssh("lb1", f"systemctl is-active {unit}").strip() == "active", unit
+    gap = outage(records, t0)
+    assert gap.recovered and gap.gap < 5.0, gap
+    assert records[-1]["ok"]
+    # a web server's reboot: Apache comes back by itself and HAProxy takes it in again
+    cluster.reboot("web1")
+    cluster.wait_active("web1")
+    wait_for(lambda: cluster.backends_up("lb1"), 15, "web1 UP after its reboot", step=0.3)
+    assert {cluster.get()["served_by"] for _ in range(4)} == {"web1", "web2"}
