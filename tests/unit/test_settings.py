@@ -307,3 +307,20 @@ def test_dev_stack_holds_valid_non_secret_settings() -> None:
     assert settings.admin_cidrs and all(c.startswith("203.0.113.") for c in settings.admin_cidrs)
     text = (ROOT / "Pulumi.dev.yaml").read_text()
     assert "REPLACE" in text
+
+
+def test_settings_to_config_is_read_back_as_the_same_settings(monitor: RecordingMonitor) -> None:
+    """The local cloud tier hands the program a stack config made from Settings."""
+    settings = make_settings(
+        web_count=3,
+        image="debian-12",
+        subnet_cidr="10.0.1.0/24",
+        lb_private_ips=("10.0.1.5", "10.0.1.6"),
+        vrrp_advert_interval=0.3,
+        cookie_mode="insert",
+    )
+    raw = cfgmod.settings_to_config(settings)
+    assert set(raw) <= ALL_KEYS
+    config, secret_keys = valid_config(**{k: v for k, v in raw.items()})
+    pulumi.runtime.set_all_config(config, secret_keys)
+    assert run(load_settings).settings == settings
