@@ -64,8 +64,10 @@ def provisioned(
             image=image,
             steps=len(result.runs),
             apply_s=round(result.seconds, 2),
-            note="every step over SSH, apt from the mirror (proxy cache warm after the first "
-            "run on a machine), until lb1 is master with the IP and both webs are UP",
+            mirror_requests=c.cloud.proxy.stats["requests"] if c.cloud else None,
+            mirror_cache_hits=c.cloud.proxy.stats["cache_hits"] if c.cloud else None,
+            note="every step over SSH, apt from the Debian mirror, until lb1 is master "
+            "with the IP and both webs are UP",
         )
         yield c, result
         for name, peak in c.memory_peaks().items():
