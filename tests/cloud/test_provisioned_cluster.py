@@ -69,6 +69,10 @@ def provisioned(
             note="every step over SSH, apt from the Debian mirror, until lb1 is master "
             "with the IP and both webs are UP",
         )
+        for name, host in c.hosts.items():
+            m = host.memory()
+            anon = m.get("cgroup_anon_bytes", m["pss_sum_bytes"])
+            bench.record("memory_provisioned_idle", anon / 2**20, "MiB", host=name, image=image)
         yield c, result
         for name, peak in c.memory_peaks().items():
             bench.record("memory_peak_per_host", peak / 2**20, "MiB", host=name, image=image)
