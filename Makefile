@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STACK ?= dev
 export STACK
 
-.PHONY: help venv system-deps up preview destroy test test-unit test-render lab bench e2e clean
+.PHONY: help venv system-deps up preview destroy test test-unit test-render lab cloud bench e2e clean
 
 help:
 	@echo "make up | preview | destroy   pulumi on stack $(STACK) (local file state by default)"
 	@echo "make test                     every tier: unit, render+check, lab, local cloud"
-	@echo "make lab | bench | e2e | lint"
+	@echo "make lab | cloud | bench | e2e | lint"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-render: venv system-deps
 
 lab: venv system-deps
 	$(PY) -m lab
+
+# Boot four local Debian hosts, provision them with the program's steps, print, tear down.
+cloud: venv system-deps
+	$(PY) -m lab.cloud.cluster
 
 bench: venv system-deps
 	$(PY) -m lab.bench

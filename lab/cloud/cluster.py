@@ -17,8 +17,8 @@ namespaces and over SSH: systemd states, the journal, HAProxy's runtime socket.
 
 from __future__ import annotations
 
+import argparse
 import shlex
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -178,10 +178,6 @@ class CloudCluster(ClusterView):
     def start_unit(self, name: str, daemon: str) -> None:
         self.ssh(name, f"systemctl start {UNITS[daemon]}")
 
-    def kill_unit(self, name: str, daemon: str, sig: int = signal.SIGKILL) -> None:
-        """Crash: every process of the unit gets ``sig`` (systemd's restart policy applies)."""
-        self.ssh(name, f"systemctl kill --signal={int(sig)} {UNITS[daemon]}")
-
     def power_off(self, name: str) -> None:
         """The host goes away: container stopped, and what its kernel held in the
         namespace (addresses it added, sysctls) is gone, as after a real power cycle."""
@@ -240,9 +236,15 @@ class CloudCluster(ClusterView):
         return {n: h.anon_peak_bytes() for n, h in self.hosts.items()}
 
 
-def main() -> int:
-    """``python -m lab.cloud.cluster``: boot, provision, print the state, tear down."""
-    with CloudCluster(log=lambda m: print(m, file=sys.stderr)) as c:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lab.cloud.cluster [--image debian-12]``: boot, provision with the
+    program's steps, print each step and the cluster's state, tear everything down."""
+    parser = argparse.ArgumentParser(prog="python -m lab.cloud.cluster", description=main.__doc__)
+    parser.add_argument("--image", default="debian-13", choices=("debian-13", "debian-12"))
+    parser.add_argument("--web-count", type=int, default=2)
+    args = parser.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    with CloudCluster(args.image, args.web_count, log=log) as c:
         result = c.apply()
         for run in result.runs.values():
             print(f"{run.name:32} {run.status:9} {run.seconds:6.1f}s")
