@@ -49,7 +49,7 @@ from components.render import (
 )
 from lab import topology as topo
 from lab.fake_hcloud import FakeApi, launch
-from lab.netns import Host, LabError
+from lab.netns import Host, LabError, child_pids
 from lab.topology import LabNetwork
 from lab.traffic import fetch
 
@@ -113,6 +113,11 @@ class HostRuntime:
     root: Path
     layout: Layout
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+
+
+def _gone(pids: set[int], parent: int) -> bool:
+    """None of ``pids`` is a child of ``parent`` any more."""
+    return not pids & set(child_pids(parent))
 
 
 def assign_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -414,6 +419,8 @@ class LabCluster(ClusterView):
             self._write(self.rendered(lb.name))
             self._validate(lb.name, "lb")
             before = self.daemon_log(lb.name, "haproxy").count("Loading success.")
+            master = self.hosts[lb.name].procs["haproxy"].pid
+            old_workers = set(child_pids(master))
             self._signal(lb.name, "haproxy", signal.SIGUSR2)
             self._wait_logged(
                 partial(self.daemon_log, lb.name, "haproxy"),
@@ -421,7 +428,13 @@ class LabCluster(ClusterView):
                 before,
                 f"reload of HAProxy on {lb.name}",
             )
-        time.sleep(0.3)  # old HAProxy workers stop accepting once the new ones run
+            # Until the old workers are gone they may still accept a connection with the
+            # old config; the lab's clients never hold one open, so this is quick.
+            wait_for(
+                partial(_gone, old_workers, master),
+                10,
+                f"old HAProxy workers on {lb.name} to finish",
+            )
         self.wait_settled(15)
 
     # -- daemons -------------------------------------------------------------------

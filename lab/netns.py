@@ -58,6 +58,16 @@ DEFAULT_RUN_TIMEOUT = 10.0
 DEFAULT_KILL_TIMEOUT = 5.0
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (every thread's), from /proc; [] once it is gone."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                out.extend(int(x) for x in (t / "children").read_text().split())
+    return out
+
+
 class LabError(RuntimeError):
     """Something in the lab harness went wrong."""
 

@@ -89,6 +89,7 @@ from lab.cloud.rootfs import (
     extract,
     suite_of,
 )
+from lab.netns import child_pids
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -588,15 +589,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for t in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                out.extend(int(x) for x in (t / "children").read_text().split())
-    return out
-
-
 def _wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / step) + 2):
@@ -851,7 +843,7 @@ class CloudHost:
             if self._proc is None or self._proc.poll() is not None:
                 return True
             # nspawn -> outer child (exits) -> container init, the child in a new PID namespace
-            for k in _children(self._proc.pid):
+            for k in child_pids(self._proc.pid):
                 try:
                     if os.readlink(f"/proc/{k}/ns/pid") != os.readlink(
                         f"/proc/{self._proc.pid}/ns/pid"
@@ -1545,7 +1537,7 @@ def cleanup_prefix(prefix: str, timeout: float = 60.0) -> list[str]:
                 cmd = (p / "cmdline").read_bytes().split(b"\0")
                 if any(a.decode(errors="replace").startswith(f"--machine={prefix}-") for a in cmd):
                     sup.append(int(p.name))
-    kids = {pid: _children(pid) for pid in sup}
+    kids = {pid: child_pids(pid) for pid in sup}
     for pid in sup:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

@@ -15,7 +15,12 @@ import pytest
 from components.render import OWNERSHIP_CHECK_INTERVAL
 from lab.cluster import LabCluster, assign_calls, wait_for
 from lab.netns import requirements_missing
-from lab.scenarios import check_round_robin, check_sticky
+from lab.scenarios import (
+    check_lb_failover,
+    check_round_robin,
+    check_sticky,
+    check_web_server_loss,
+)
 from lab.topology import CLIENT_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
 from lab.traffic import TrafficStream, outage
 
@@ -78,57 +83,18 @@ def test_cookie_stickiness_insert_mode(cluster: LabCluster) -> None:
 
 # -- 3 -----------------------------------------------------------------------------------
 def test_web_server_loss_fails_no_request(cluster: LabCluster) -> None:
-    # A request caught by the crash is retried by HAProxy after its 1 s turn-around timer
-    # (then redispatched): slow, not failed - so the client waits up to 5 s, as a browser would.
-    stream = TrafficStream(cluster.lab.client, cluster.url, duration=15, timeout=5.0)
-    try:
-        stream.wait_started()
-        time.sleep(0.3)
-        cluster.kill_apache("web1")
-        killed = time.time()
-        for lb in LB_NAMES:
-            wait_for(
-                lambda lb=lb: cluster.server_status(lb)["web1"].startswith("DOWN"),
-                5,
-                f"web1 DOWN on {lb}",
-            )
-        time.sleep(0.5)
-        restarted = time.time()
-        cluster.start_apache("web1")
-        wait_for(lambda: cluster.server_status("lb1")["web1"].startswith("UP"), 5, "web1 UP")
-        back = time.time()
-        wait_for(
-            lambda: any(r["served_by"] == "web1" and r["ts"] > back for r in stream.records()),
-            5,
-            "web1 serving again",
-        )
-    finally:
-        records = stream.stop()
-    failed = [r for r in records if not r["ok"]]
-    assert not failed, failed[:5]
-    during = [r for r in records if killed < r["ts"] < restarted]
-    assert during and {r["served_by"] for r in during} == {"web2"}
+    check_web_server_loss(
+        cluster,
+        fail=lambda: cluster.kill_apache("web1"),
+        recover=lambda: cluster.start_apache("web1"),
+        timeout=5.0,
+    )
 
 
 # -- 4 -----------------------------------------------------------------------------------
 def test_haproxy_crash_moves_ip_to_lb2(cluster: LabCluster) -> None:
-    stream = TrafficStream(cluster.lab.client, cluster.url, duration=20)
-    try:
-        stream.wait_started()
-        time.sleep(0.3)
-        t0 = time.time()
-        cluster.kill_haproxy("lb1")
-        cluster.wait_owner("lb2")
-        wait_for(lambda: cluster.masters() == ["lb2"], 5, "lb2 sole VRRP master")
-        stream.wait_recovered(t0)
-    finally:
-        records = stream.stop()
-    posts = assign_calls(cluster.api_calls(t0))
-    assert posts and posts[-1]["server"] == LB_SERVER_IDS["lb2"] and posts[-1]["status"] == 201
-    assert all(p["server"] == LB_SERVER_IDS["lb2"] for p in posts), posts
-    gap = outage(records, t0)
-    assert gap.recovered and gap.failed > 0
-    assert gap.gap < 5.0, gap
+    gap = check_lb_failover(cluster, fail=lambda: cluster.kill_haproxy("lb1"), timeout=5.0)
+    assert gap.failed > 0  # the crash was seen: the measurement means something
 
 
 # -- 5 -----------------------------------------------------------------------------------
