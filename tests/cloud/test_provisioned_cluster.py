@@ -201,13 +201,21 @@ def test_web_server_failure_fails_no_request(cluster: CloudCluster) -> None:
     )
 
 
-def test_lb_failover_through_the_api(cluster: CloudCluster) -> None:
+def test_lb_failover_through_the_api(cluster: CloudCluster, bench: Bench) -> None:
     """systemd stops lb1's HAProxy: lb2 takes the IP through the API; once HAProxy is
     started again, lb1 (higher priority) takes it back."""
-    check_lb_failover(
+    gap = check_lb_failover(
         cluster,
         fail=lambda: cluster.stop_unit("lb1", "haproxy"),
         recover=lambda: cluster.start_unit("lb1", "haproxy"),
+    )
+    bench.record(
+        "failover_haproxy_stopped",
+        gap.gap,
+        "s",
+        image=cluster.image,
+        failed_requests=gap.failed,
+        note="last answer before `systemctl stop haproxy` on lb1 -> first answer via lb2",
     )
 
 
