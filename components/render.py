@@ -25,7 +25,6 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 HEALTH_PORT = 8405  # HAProxy's local health endpoint, checked by keepalived
 PRIMARY_PRIORITY = 150
 BACKUP_PRIORITY = 100
-CHECK_WEIGHT = 60  # PRIMARY - weight < BACKUP: a failed HAProxy hands over mastership
 # Seconds between the master's API ownership checks: 720 GETs/hour at most, within the
 # project's 3600 requests/hour.
 OWNERSHIP_CHECK_INTERVAL = 5
@@ -276,7 +275,6 @@ def host_variables(
         "vrrp_advert_interval": _seconds(settings.vrrp_advert_interval),
         "is_primary": is_primary,
         "priority": PRIMARY_PRIORITY if is_primary else BACKUP_PRIORITY,
-        "check_weight": CHECK_WEIGHT,
         "ownership_check_interval": OWNERSHIP_CHECK_INTERVAL,
         "failover_script": root + FAILOVER_SCRIPT,
         "token_file": root + TOKEN_FILE,

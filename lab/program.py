@@ -250,7 +250,7 @@ def remote_steps(monitor: RecordingMonitor) -> dict[str, RemoteStep]:
             create=str(c.inputs["create"]),
             stdin=str(c.inputs.get("stdin", "")),
             triggers=tuple(str(t) for t in c.inputs.get("triggers", [])),
-            after=tuple(names[d] for d in c.dependencies if d in names),
+            after=tuple(sorted(names[d] for d in c.dependencies if d in names)),
         )
     return steps
 
