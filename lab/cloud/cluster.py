@@ -178,6 +178,10 @@ class CloudCluster(ClusterView):
     def start_unit(self, name: str, daemon: str) -> None:
         self.ssh(name, f"systemctl start {UNITS[daemon]}")
 
+    def kill_unit(self, name: str, daemon: str) -> None:
+        """Crash: SIGKILL to every process of the unit; its restart policy applies."""
+        self.ssh(name, f"systemctl kill --signal=KILL {UNITS[daemon]}")
+
     def power_off(self, name: str) -> None:
         """The host goes away: container stopped, and what its kernel held in the
         namespace (addresses it added, sysctls) is gone, as after a real power cycle."""

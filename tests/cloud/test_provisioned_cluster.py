@@ -27,7 +27,7 @@ import pytest
 from components import render
 from lab.cloud.apply import ApplyResult, changed
 from lab.cloud.cluster import CloudCluster
-from lab.cluster import wait_for
+from lab.cluster import assign_calls, wait_for
 from lab.scenarios import (
     check_lb_failover,
     check_round_robin,
@@ -216,6 +216,41 @@ def test_lb_failover_through_the_api(cluster: CloudCluster, bench: Bench) -> Non
         image=cluster.image,
         failed_requests=gap.failed,
         note="last answer before `systemctl stop haproxy` on lb1 -> first answer via lb2",
+    )
+
+
+def test_haproxy_crash_is_repaired_by_systemd(cluster: CloudCluster, bench: Bench) -> None:
+    """SIGKILL to lb1's HAProxy: systemd restarts it (Debian's unit says Restart=always),
+    clients are served again within seconds, and the cluster settles with lb1 master."""
+    pid = cluster.main_pids("lb1")["haproxy"]
+    stream = TrafficStream(cluster.lab.client, cluster.url, duration=60)
+    try:
+        stream.wait_started()
+        time.sleep(0.3)
+        t0 = time.time()
+        cluster.kill_unit("lb1", "haproxy")
+        wait_for(
+            lambda: cluster.main_pids("lb1")["haproxy"] not in (0, pid),
+            10,
+            "systemd to restart HAProxy on lb1",
+            step=0.1,
+        )
+        cluster.wait_settled(30)
+        time.sleep(0.5)
+    finally:
+        records = stream.stop()
+    gap = outage(records, t0)
+    assert gap.recovered and gap.gap < 5.0, gap
+    assert records[-1]["ok"]
+    moved = [p for p in assign_calls(cluster.api_calls(t0)) if p["status"] == 201]
+    bench.record(
+        "haproxy_crash_outage",
+        gap.gap,
+        "s",
+        image=cluster.image,
+        failed_requests=gap.failed,
+        floating_ip_moves=len(moved),
+        note="SIGKILL to lb1's HAProxy under systemd; last answer before -> first after",
     )
 
 
