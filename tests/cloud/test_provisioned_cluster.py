@@ -113,8 +113,8 @@ def edited_templates(
 ) -> Iterator[None]:
     """Render from a copy of templates/ with ``template`` edited, as a commit changing
     that template would; the program itself is unchanged."""
-    with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
         shutil.copytree(render.TEMPLATE_DIR, tmp, dirs_exist_ok=True)
         target = tmp / template
         original = target.read_text()
