@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import functools
@@ -89,10 +88,9 @@ from lab.cloud.rootfs import (
     extract,
     suite_of,
 )
-from lab.netns import child_pids
+from lab.netns import call_in_netns, child_pids
 
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 #: Per-run prefixes: ``hc`` + 4 hex digits (``lab.netns`` uses ``hw``).
 PREFIX_STEM = "hc"
 PREFIX_RE = re.compile(r"^hc[0-9a-f]{4}$")
@@ -173,21 +171,6 @@ def new_prefix(max_tries: int = 20) -> str:
 
 # --------------------------------------------------------------------------- netns helpers
 
-_libc: Any = None
-
-
-def _setns(path: Path) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
 
 def socket_in_netns(netns: str, addr: tuple[str, int], timeout: float = 10.0) -> socket.socket:
     """A listening TCP socket bound to ``addr`` inside ``/run/netns/<netns>``.
@@ -206,28 +189,15 @@ def socket_in_netns(netns: str, addr: tuple[str, int], timeout: float = 10.0) ->
             timeout=10,
             capture_output=True,
         )
-    box: dict[str, Any] = {}
+    return call_in_netns(netns, _listening_socket, addr, timeout=timeout)
 
-    def target() -> None:
-        try:
-            _setns(path)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(addr)
-            s.listen(64)
-            box["sock"] = s
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
 
-    t = threading.Thread(target=target, name=f"bind-{netns}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"binding in {netns} took longer than {timeout}s")
-    if "error" in box:
-        raise box["error"]
-    sock: socket.socket = box["sock"]
-    return sock
+def _listening_socket(addr: tuple[str, int]) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(addr)
+    s.listen(64)
+    return s
 
 
 # --------------------------------------------------------------------------- mirror proxy
