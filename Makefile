@@ -42,8 +42,11 @@ lab: venv system-deps
 cloud: venv system-deps
 	$(PY) -m lab.cloud.cluster
 
+# Each benchmark module prints its figures as JSON lines (lab/measure.py); add yours here.
+BENCH_MODULES ?= lab.bench
+
 bench: venv system-deps
-	$(PY) -m lab.bench
+	@set -e; for m in $(BENCH_MODULES); do echo "# $$m" >&2; $(PY) -m $$m; done
 
 e2e: venv system-deps
 	$(PY) -m pytest -m cloud tests/cloud

@@ -20,7 +20,6 @@ Figures, not assertions: the lab tier (tests/lab) asserts the behaviour.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 
@@ -28,13 +27,10 @@ from lab import topology as topo
 from lab.cluster import LabCluster, wait_for
 from lab.netns import requirements_missing
 from lab.topology import LabNetwork
+from lab.measure import emit
 from lab.traffic import TrafficStream, fetch, outage
 
 MAX_WINDOW = 30.0
-
-
-def emit(metric: str, value: float | int, unit: str) -> None:
-    print(json.dumps({"metric": metric, "value": value, "unit": unit}), flush=True)
 
 
 def throughput(url: str, seconds: float, threads: int = 4) -> dict[str, int]:
