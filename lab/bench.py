@@ -25,9 +25,9 @@ import time
 
 from lab import topology as topo
 from lab.cluster import LabCluster, wait_for
+from lab.measure import emit
 from lab.netns import requirements_missing
 from lab.topology import LabNetwork
-from lab.measure import emit
 from lab.traffic import TrafficStream, fetch, outage
 
 MAX_WINDOW = 30.0
