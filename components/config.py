@@ -108,6 +108,15 @@ class Settings:
     """`haproxyCheckRise`: passed checks before a web server is marked up again."""
     cluster_name: str = PROJECT
     """`clusterName`: prefix of resource names and the `cluster` label."""
+    extra_ssh_public_keys: tuple[str, ...] = ()
+    """`extraSshPublicKeys`: more OpenSSH public keys for root, beside sshPublicKey (a key
+    rotation adds the new key here first; see the README)."""
+    web_max_unavailable: float = 0.5
+    """`webMaxUnavailable`: share of the web servers a rolling change may take out of
+    service at once (0 < share <= 1; always at least two waves)."""
+    allow_disruptive_changes: bool = False
+    """`allowDisruptiveChanges`: let a change of location, networkCidr or clusterName
+    through on a deployed stack (it rebuilds the cluster with downtime)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -172,25 +181,29 @@ def _parse_net(key: str, value: str) -> ipaddress.IPv4Network:
     return net
 
 
-def parse_ssh_public_key(value: str) -> str:
+def parse_ssh_public_key(value: str, key: str = "sshPublicKey") -> str:
     """Return the key type if `value` is one OpenSSH public key line, else raise."""
     fix = "give one OpenSSH public key line, e.g. the content of ~/.ssh/id_ed25519.pub"
     if "PRIVATE KEY" in value:
         # Never echo a private key into logs; say what it is instead.
-        raise SettingsError(
-            "sshPublicKey", "<a private key, not shown>", f"that is a private key; {fix}"
-        )
+        raise SettingsError(key, "<a private key, not shown>", f"that is a private key; {fix}")
     parts = value.strip().split()
-    _check(len(parts) >= 2 and "\n" not in value.strip(), "sshPublicKey", value, fix)
+    # The line goes into authorized_keys: one line, printable, no options before the type.
+    _check(
+        len(parts) >= 2 and "\n" not in value.strip() and value.strip().isprintable(),
+        key,
+        value,
+        fix,
+    )
     key_type, blob = parts[0], parts[1]
-    _check(key_type in SSH_KEY_TYPES, "sshPublicKey", value, f"unknown key type; {fix}")
+    _check(key_type in SSH_KEY_TYPES, key, value, f"unknown key type; {fix}")
     try:
         raw = base64.b64decode(blob, validate=True)
         (length,) = struct.unpack(">I", raw[:4])
         embedded = raw[4 : 4 + length].decode("ascii")
     except (binascii.Error, struct.error, UnicodeDecodeError):
-        raise SettingsError("sshPublicKey", value, f"the key data is not valid; {fix}") from None
-    _check(embedded == key_type, "sshPublicKey", value, f"key data does not match type; {fix}")
+        raise SettingsError(key, value, f"the key data is not valid; {fix}") from None
+    _check(embedded == key_type, key, value, f"key data does not match type; {fix}")
     return key_type
 
 
@@ -223,6 +236,14 @@ def validate(s: Settings) -> None:
         f"use a whole number from 1 to {MAX_WEB_SERVERS}",
     )
     parse_ssh_public_key(s.ssh_public_key)
+    for extra in s.extra_ssh_public_keys:
+        parse_ssh_public_key(extra, "extraSshPublicKeys")
+    _check(
+        isinstance(s.web_max_unavailable, float | int) and 0 < s.web_max_unavailable <= 1,
+        "webMaxUnavailable",
+        s.web_max_unavailable,
+        "give a share of the web servers above 0 and at most 1, e.g. 0.5",
+    )
     _check(
         len(s.admin_cidrs) > 0,
         "adminCidrs",
@@ -356,7 +377,11 @@ _INT_FIELDS = {
     "haproxyCheckFall": "haproxy_check_fall",
     "haproxyCheckRise": "haproxy_check_rise",
 }
-_FLOAT_FIELDS = {"vrrpAdvertInterval": "vrrp_advert_interval"}
+_FLOAT_FIELDS = {
+    "vrrpAdvertInterval": "vrrp_advert_interval",
+    "webMaxUnavailable": "web_max_unavailable",
+}
+_BOOL_FIELDS = {"allowDisruptiveChanges": "allow_disruptive_changes"}
 _STR_FIELDS = {
     "location": "location",
     "serverType": "server_type",
@@ -375,6 +400,7 @@ _LIST_FIELDS = {
     "adminCidrs": "admin_cidrs",
     "lbPrivateIps": "lb_private_ips",
     "webPrivateIps": "web_private_ips",
+    "extraSshPublicKeys": "extra_ssh_public_keys",
 }
 REQUIRED_KEYS = ("sshPublicKey", "adminCidrs")
 
@@ -403,7 +429,13 @@ def settings_from_values(get: Callable[[str], Any]) -> Settings:
             try:
                 kwargs[attr] = float(str(value))
             except ValueError:
-                raise SettingsError(key, value, "give a number of seconds") from None
+                raise SettingsError(key, value, "give a number") from None
+    for key, attr in _BOOL_FIELDS.items():
+        value = get(key)
+        if value is not None:
+            text = str(value).strip().lower()
+            _check(text in ("true", "false"), key, value, "give true or false")
+            kwargs[attr] = text == "true"
     for key, attr in _LIST_FIELDS.items():
         value = get(key)
         if value is None:
@@ -425,6 +457,8 @@ def settings_to_config(settings: Settings) -> dict[str, str]:
     config = {"sshPublicKey": settings.ssh_public_key}
     for key, attr in (_STR_FIELDS | _INT_FIELDS | _FLOAT_FIELDS).items():
         config[key] = str(getattr(settings, attr))
+    for key, attr in _BOOL_FIELDS.items():
+        config[key] = "true" if getattr(settings, attr) else "false"
     for key, attr in _LIST_FIELDS.items():
         config[key] = json.dumps(list(getattr(settings, attr)))
     return config

@@ -35,6 +35,7 @@ ALL_KEYS = (
     | set(cfgmod._INT_FIELDS)
     | set(cfgmod._FLOAT_FIELDS)
     | set(cfgmod._LIST_FIELDS)
+    | set(cfgmod._BOOL_FIELDS)
     | set(cfgmod.REQUIRED_KEYS)
     | SECRET_CONFIG_KEYS
 )
@@ -257,7 +258,7 @@ def test_project_declares_every_config_key_with_type_and_description() -> None:
     declared = _project()["config"]
     assert set(declared) == ALL_KEYS
     for key, spec in declared.items():
-        assert spec["type"] in ("string", "integer", "array"), key
+        assert spec["type"] in ("string", "integer", "boolean", "array"), key
         assert spec.get("description"), key
         if spec["type"] == "array":
             assert spec["items"] == {"type": "string"}, key
@@ -270,6 +271,7 @@ def test_project_defaults_match_the_settings_dataclass() -> None:
         **cfgmod._INT_FIELDS,
         **cfgmod._FLOAT_FIELDS,
         **cfgmod._LIST_FIELDS,
+        **cfgmod._BOOL_FIELDS,
     }
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for key, attr in attr_of.items():
