@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND_TYPE = "command:remote:Command"
 SERVER_TYPE = "hcloud:index/server:Server"
 FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
+GET_SERVERS_TOKEN = "hcloud:index/getServers:getServers"
 
 T = TypeVar("T")
 
@@ -48,6 +49,9 @@ class ProviderFacts:
     """Server resource name (e.g. "hcloud-ha-web-lb1") -> (server id, IPv4 address)."""
     floating_ip: tuple[int, str]
     """(floating IP id, address)."""
+    deployed: bool = False
+    """Whether the cluster's servers exist already (what `hcloud.get_servers` finds):
+    a deployed cluster changes in rolling turns."""
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -92,7 +96,15 @@ class Mocks(pulumi.runtime.Mocks):
         return rid, outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
-        return {}, None
+        if args.token == GET_SERVERS_TOKEN:
+            servers = []
+            if self.facts is not None and self.facts.deployed:
+                servers = [
+                    {"id": server_id, "name": name, "ipv4Address": address}
+                    for name, (server_id, address) in self.facts.servers.items()
+                ]
+            return {"servers": servers, "withSelector": args.args.get("withSelector")}, []
+        return {}, []
 
 
 def generated_password(name: str, length: int, special: bool) -> str:
@@ -116,6 +128,11 @@ class Registration:
     wire: dict[str, Any]  # serialized, secret values still wrapped
     id: str = ""
     state: dict[str, Any] = field(default_factory=dict)  # what the mocked provider returned
+    property_dependencies: dict[str, list[str]] = field(default_factory=dict)
+    """Input name -> URNs its value came from (what the engine's replacement cascade reads)."""
+    delete_before_replace: bool = False
+    hooks: dict[str, list[str]] = field(default_factory=dict)
+    """Hook kind ("before_update", ...) -> names of the resource hooks bound to it."""
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -145,6 +162,11 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                     wire=json_format.MessageToDict(request.object),
                     id=response.id,
                     state=rpc.deserialize_properties(response.object),
+                    property_dependencies={
+                        k: list(v.urns) for k, v in request.propertyDependencies.items()
+                    },
+                    delete_before_replace=bool(request.deleteBeforeReplace),
+                    hooks=_hooks(request),
                 )
             )
         return response
@@ -165,6 +187,16 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
 
     def by_urn(self, urn: str) -> Registration:
         return next(r for r in self.registrations if r.urn == urn)
+
+
+def _hooks(request: Any) -> dict[str, list[str]]:
+    if not request.HasField("hooks"):
+        return {}
+    return {
+        kind: list(getattr(request.hooks, kind))
+        for kind in ("before_create", "before_update", "before_delete")
+        if list(getattr(request.hooks, kind))
+    }
 
 
 def install_mocks(
