@@ -54,6 +54,8 @@ from components.render import (
 from components.rolling import lb_order, rolling_gates
 
 APT = "apt-get -q -o DPkg::Lock::Timeout=600"
+#: Where a step notes the files whose activation has not succeeded yet.
+PENDING_DIR = "/var/lib/hcloud-ha-web"
 
 
 def base_script(role: Role, settings: Settings) -> str:
@@ -80,6 +82,8 @@ def step_script(
     `pulumi preview` as it is.
     """
     installs = "\n".join(f"install_file {shlex.quote(t.path)} {t.mode} {t.owner}" for t in targets)
+    root = (layout or Layout()).root.rstrip("/")
+    pending = shlex.quote(f"{root}{PENDING_DIR}/pending-{daemon.name}")
     return f"""set -eu
 umask 077
 stage=$(mktemp -d /var/tmp/hcloud-ha-web-{daemon.name}.XXXXXX)
@@ -104,9 +108,19 @@ install_file() {{
   fi
 }}
 {installs}
+# Files installed by a run whose activation failed: activate them again, until it works.
+pending={pending}
+if [ -s "$pending" ]; then changed="$changed $(cat "$pending")"; fi
 if [ -n "$changed" ]; then
+  (umask 022 && mkdir -p "$(dirname "$pending")")
+  printf '%s\n' "$changed" > "$pending"
   export CHANGED="$changed"  # the activate command may look at which files changed
-  {activate_command(daemon, layout)}
+  if ! ( {activate_command(daemon, layout)}
+  ); then
+    echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname); it runs again next time" >&2
+    exit 1
+  fi
+  rm -f "$pending"
   echo "hcloud-ha-web: {daemon.name} updated and reloaded"
 else
   echo "hcloud-ha-web: {daemon.name} unchanged"

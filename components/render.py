@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,24 @@ OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 DOCROOT = "/var/www/hcloud-ha-web"
+HAPROXY_STATE_DIR = "/var/lib/haproxy"
+HAPROXY_STATE_FILE = f"{HAPROXY_STATE_DIR}/server-state"
+# `show servers state` through the runtime socket into a file (temp file + rename).
+_SAVE_STATE = (
+    "import os,socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX)\n"
+    "s.settimeout(5)\n"
+    "s.connect(sys.argv[1])\n"
+    "s.sendall(b'show servers state\\n')\n"
+    "out=b''\n"
+    "for _ in range(10000):\n"
+    "    b=s.recv(65536)\n"
+    "    if not b: break\n"
+    "    out+=b\n"
+    "tmp=sys.argv[2]+'.tmp'\n"
+    "open(tmp,'wb').write(out)\n"
+    "os.replace(tmp,sys.argv[2])\n"
+)
 
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
     "lb": ("haproxy", "keepalived", "curl", "python3", "iproute2"),
@@ -137,7 +156,14 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         role="lb",
         files=(FileSpec("haproxy/haproxy.cfg.j2", "/etc/haproxy/haproxy.cfg", "0600"),),
         validate="haproxy -c -f $STAGE{root}/etc/haproxy/haproxy.cfg",
-        activate="systemctl enable -q haproxy && systemctl reload-or-restart haproxy",
+        # The servers' states (DOWN, drained) survive the reload: saved just before it,
+        # loaded by the new process (`server-state-file`, `load-server-state-from-file`).
+        activate=(
+            "mkdir -p {root}" + HAPROXY_STATE_DIR + " && if [ -S {root}/run/haproxy/admin.sock ];"
+            " then python3 -c " + shlex.quote(_SAVE_STATE) + " {root}/run/haproxy/admin.sock"
+            " {root}" + HAPROXY_STATE_FILE + " || echo 'hcloud-ha-web: server states not saved'"
+            " >&2; fi && systemctl enable -q haproxy && systemctl reload-or-restart haproxy"
+        ),
     ),
     DaemonSpec(
         name="failover",
@@ -282,6 +308,7 @@ def host_variables(
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
         "docroot": root + DOCROOT,
+        "haproxy_state_file": root + HAPROXY_STATE_FILE,
     }
 
 
