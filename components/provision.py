@@ -117,7 +117,8 @@ if [ -n "$changed" ]; then
   export CHANGED="$changed"  # the activate command may look at which files changed
   if ! ( {activate_command(daemon, layout)}
   ); then
-    echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname); it runs again next time" >&2
+    echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname)" \
+      "(it runs again on the next update)" >&2
     exit 1
   fi
   rm -f "$pending"

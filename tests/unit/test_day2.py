@@ -161,12 +161,17 @@ def test_a_deployed_cluster_changes_one_turn_at_a_time() -> None:
     assert waits_for("lb2") == set()
     assert waits_for("lb1") == ready_urns(monitor, "lb2")
     assert waits_for("web1") == waits_for("web2") == set()
-    assert waits_for("web3") == waits_for("web4") == (
-        ready_urns(monitor, "web1") | ready_urns(monitor, "web2")
+    assert (
+        waits_for("web3")
+        == waits_for("web4")
+        == (ready_urns(monitor, "web1") | ready_urns(monitor, "web2"))
     )
     # a web server's turn ends when it is UP in both LBs' HAProxy
     names = {r.urn: r.name for r in monitor.of_type(COMMAND)}
-    assert {names[u] for u in ready_urns(monitor, "web1")} == {"t-web1-ready-lb1", "t-web1-ready-lb2"}
+    assert {names[u] for u in ready_urns(monitor, "web1")} == {
+        "t-web1-ready-lb1",
+        "t-web1-ready-lb2",
+    }
 
 
 # --- SSH keys ----------------------------------------------------------------------------
