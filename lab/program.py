@@ -16,6 +16,7 @@ The unit tests and the local cloud tier both run the program this way:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import runpy
 import string
@@ -36,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND_TYPE = "command:remote:Command"
 SERVER_TYPE = "hcloud:index/server:Server"
 FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
+DYNAMIC_TYPE = "pulumi-python:dynamic:Resource"
 GET_SERVERS_TOKEN = "hcloud:index/getServers:getServers"
 
 T = TypeVar("T")
@@ -68,7 +70,11 @@ class Mocks(pulumi.runtime.Mocks):
         outputs = dict(args.inputs)
         key = (args.typ, args.name)
         if key not in self._by_name:
-            self._by_name[key] = (str(next(self._ids)), next(self._hosts))
+            # Ids from the name, not the registration order (which varies between runs):
+            # two runs of the program must see equal ids to diff as the engine would.
+            digest = int(hashlib.sha256(f"{args.typ}::{args.name}".encode()).hexdigest(), 16)
+            rid = str(1001 + digest % 10**9)
+            self._by_name[key] = (rid, next(self._hosts))
         rid, host = self._by_name[key]
         if args.typ == SERVER_TYPE:
             outputs["ipv4Address"] = f"203.0.113.{host}"
@@ -301,3 +307,63 @@ def program_steps(
     finally:
         pulumi.runtime.set_all_config({}, [])
     return remote_steps(monitor)
+
+
+# --- every resource, for replaying an update in the engine's order (lab.cloud.apply) -----
+
+
+@dataclass(frozen=True)
+class PlannedResource:
+    """One custom resource as registered: what the engine diffs and how it orders steps."""
+
+    name: str
+    type: str
+    inputs: Mapping[str, Any] = field(repr=False)
+    """Inputs with secrets revealed (the engine diffs these)."""
+    after: tuple[str, ...]
+    """Names of the resources it depends on (explicitly or through its inputs)."""
+    sources: Mapping[str, tuple[str, ...]] = field(repr=False)
+    """Input name -> names of the resources its value came from."""
+    delete_before_replace: bool = False
+    ignore_changes: tuple[str, ...] = ()
+    hooks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    outputs: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """What the (mocked) provider returned: the state a hook sees as old outputs."""
+
+
+def planned_resources(monitor: RecordingMonitor) -> dict[str, PlannedResource]:
+    """Every recorded custom resource by name, in registration order."""
+    custom = [r for r in monitor.registrations if r.custom]
+    names = {r.urn: r.name for r in custom}
+    out: dict[str, PlannedResource] = {}
+    for r in custom:
+        out[r.name] = PlannedResource(
+            name=r.name,
+            type=r.type,
+            inputs=reveal(r.inputs),
+            after=tuple(names[d] for d in r.dependencies if d in names),
+            sources={
+                k: tuple(names[u] for u in urns if u in names)
+                for k, urns in r.property_dependencies.items()
+            },
+            delete_before_replace=r.delete_before_replace,
+            ignore_changes=tuple(r.ignore_changes),
+            hooks={k: tuple(v) for k, v in r.hooks.items()},
+            outputs=reveal(r.state),
+        )
+    return out
+
+
+def program_plan(
+    config: Mapping[str, str],
+    secret_keys: list[str],
+    facts: ProviderFacts,
+    stack: str = "lab",
+) -> tuple[dict[str, RemoteStep], dict[str, PlannedResource]]:
+    """Run the program under mocks answering `facts`: its remote steps and every resource."""
+    monitor = install_mocks(Mocks(facts), stack, config, secret_keys)
+    try:
+        run_main()
+    finally:
+        pulumi.runtime.set_all_config({}, [])
+    return remote_steps(monitor), planned_resources(monitor)
