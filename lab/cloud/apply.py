@@ -329,8 +329,9 @@ def rollout(
                     h0 = time.monotonic()
                     hooks[hook](_hook_args(prev))
                     note("hook", hook, h0)
+                u0 = time.monotonic()  # the update itself starts after its hooks
                 cloud.server_update(name, prev.inputs, r.inputs)
-                note("update", name, t0)
+                note("update", name, u0)
                 return StepRun(name, "ran", t0, time.monotonic(), 0)
             return create(r, "update")
         # replace
