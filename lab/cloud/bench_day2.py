@@ -59,6 +59,7 @@ def one_run(record: Callable[[str, Change], None]) -> float:
         record("day2_ssh_key_add", rolling_change(c, extra_ssh_public_keys=(public,)))
         assert c.cloud is not None
         c.cloud.key_path.write_text(key.read_text())
+        c.cloud.key_path.with_suffix(".pub").write_text(public + "\n")
         record(
             "day2_ssh_key_switch",
             rolling_change(c, ssh_public_key=public, extra_ssh_public_keys=()),

@@ -45,6 +45,8 @@ class OutOfService:
     cluster: CloudCluster
     interval: float = 0.5
     samples: list[Sample] = field(default_factory=list)
+    unprobed: int = 0
+    """Samples dropped because a probe did not run (ssh failed)."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -58,7 +60,8 @@ class OutOfService:
         if self._thread is not None:
             self._thread.join(30)
 
-    def _serving(self, lb: str) -> bool:
+    def _serving(self, lb: str) -> bool | None:
+        """True/False; None when the probe itself did not run (ssh failed)."""
         h = self.cluster.hosts.get(lb)
         if h is None or not h.running:
             return False
@@ -67,25 +70,32 @@ class OutOfService:
             check=False,
             timeout=10,
         )
-        return r.returncode == 0
+        return None if r.returncode == 255 else r.returncode == 0
 
     def _loop(self) -> None:
         for _ in range(MAX_SAMPLES):
             if self._stop.is_set():
                 return
             t0 = time.time()
-            lbs_out, webs_out = [], {}
+            lbs_out, webs_out, probed = [], {}, True
             for lb in topo.LB_NAMES:
                 try:
-                    if not self._serving(lb):
+                    serving = self._serving(lb)
+                    if serving is None:
+                        probed = False
+                        continue
+                    if not serving:
                         lbs_out.append(lb)
                         continue
                     status = self.cluster.server_status(lb)
                 except (CloudError, OSError, ValueError, RuntimeError):
-                    lbs_out.append(lb)
+                    probed = False  # the probe failed: this sample says nothing
                     continue
                 webs_out[lb] = sorted(w for w, st in status.items() if not st.startswith("UP"))
-            self.samples.append(Sample(t0, lbs_out, webs_out))
+            if probed:
+                self.samples.append(Sample(t0, lbs_out, webs_out))
+            else:
+                self.unprobed += 1
             self._stop.wait(max(0.0, self.interval - (time.time() - t0)))
 
     def most_lbs_out(self) -> int:
@@ -146,6 +156,7 @@ def summary(out: OutOfService, records: list[dict[str, Any]]) -> dict[str, Any]:
         "most_lbs_out": out.most_lbs_out(),
         "most_webs_out": out.most_webs_out(),
         "samples": len(out.samples),
+        "unprobed_samples": out.unprobed,
     }
 
 

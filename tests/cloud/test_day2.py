@@ -59,6 +59,7 @@ def assert_rolled(c: CloudCluster, result: ApplyResult, figures: dict[str, Any])
     assert result.ok, result.failure()
     assert figures["requests"] > 50, figures
     assert figures["failed_requests"] == 0, figures
+    assert figures["samples"] > 0, figures  # the out-of-service probes ran
     assert figures["most_lbs_out"] <= 1, figures
     assert figures["most_webs_out"] <= max(1, len(c.settings.web_names) // 2), figures  # type: ignore[union-attr]
     assert differences_from_fresh(c) == []
@@ -150,6 +151,7 @@ def test_ssh_key_rotation_in_two_updates_replaces_no_server(
         assert _login(c, host, new_key).returncode == 0, host
     # 2: switch to it (its private key becomes the stack's) and drop the old one
     c.cloud.key_path.write_text(new_key.read_text())
+    c.cloud.key_path.with_suffix(".pub").write_text(new_public + "\n")
     result, events2, figures = change(
         c, bench, "day2_ssh_key_switch", ssh_public_key=new_public, extra_ssh_public_keys=()
     )
