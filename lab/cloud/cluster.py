@@ -239,8 +239,11 @@ class CloudCluster(ClusterView):
 
     def server_create(self, name: str, inputs: Mapping[str, Any]) -> None:
         """A fresh host from the server's image in the server's namespace (same address)."""
-        assert self.cloud is not None
+        assert self.cloud is not None and self.settings is not None
         host = self._host_of(name)
+        # Hetzner puts the project's SSH key (sshPublicKey) on a new server; the keys step
+        # manages authorized_keys from then on.
+        self.cloud.public_key = self.settings.ssh_public_key
         self.cloud.hosts.pop(host, None)
         h = self.cloud.host(host, self.lab[host].ns, str(inputs["image"]))
         self.boot_timings.update(self.cloud.boot(h))
