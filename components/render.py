@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jinja2
 
 from components.config import Settings
+from components.site import DOCROOT, PLACEHOLDER, RELEASE_URL
 
 Role = Literal["lb", "web"]
 
@@ -30,7 +31,9 @@ BACKUP_PRIORITY = 100
 OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
-DOCROOT = "/var/www/hcloud-ha-web"
+#: Apache modules the site's virtual host uses (rewrite: for apacheConfig's rules).
+APACHE_MODULES = ("remoteip", "usertrack", "rewrite")
+_MODS = " ".join(APACHE_MODULES)
 
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
     "lb": ("haproxy", "keepalived", "curl", "python3", "iproute2"),
@@ -75,13 +78,13 @@ _APACHE_VALIDATE = r"""
 base={root}/etc/apache2; [ -d "$base" ] || base=/etc/apache2
 cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
 cp -a "$base/." "$cfg/" && cp -a "$STAGE{root}/etc/apache2/." "$cfg/"
-for m in remoteip usertrack; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
+for m in {mods}; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
 ln -sf ../sites-available/hcloud-ha-web.conf "$cfg/sites-enabled/hcloud-ha-web.conf"
 rm -f "$cfg/sites-enabled/000-default.conf"
 # envvars reads variables it may not find set: source it without the step's `set -u`
 (set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
   && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
-"""
+""".replace("{mods}", _MODS)
 
 DAEMONS: tuple[DaemonSpec, ...] = (
     DaemonSpec(
@@ -93,14 +96,20 @@ DAEMONS: tuple[DaemonSpec, ...] = (
                 "apache2/hcloud-ha-web.conf.j2",
                 "/etc/apache2/sites-available/hcloud-ha-web.conf",
             ),
-            FileSpec("www/index.html.j2", f"{DOCROOT}/index.html"),
-            FileSpec("www/check.txt.j2", f"{DOCROOT}{{health_check_path}}"),
+            FileSpec("apache2/site.conf.j2", "/etc/apache2/hcloud-ha-web/site.conf"),
+            # The placeholder release and the health-check file: the site steps switch
+            # between releases and never touch health/.
+            FileSpec("www/index.html.j2", f"{DOCROOT}/{PLACEHOLDER}/site/index.html"),
+            FileSpec("www/check.txt.j2", f"{DOCROOT}/health{{health_check_path}}"),
         ),
         validate=_APACHE_VALIDATE,
         activate=(
-            "a2enmod -q remoteip usertrack && a2ensite -q hcloud-ha-web"
+            f"a2enmod -q {_MODS} && a2ensite -q hcloud-ha-web"
             " && { a2dissite -q 000-default 2>/dev/null || true; }"
             " && systemctl enable -q apache2"
+            # The document root is current/site; the site step owns the symlink later.
+            f" && {{ [ -e {{root}}{DOCROOT}/current ]"
+            f" || ln -sfn {PLACEHOLDER} {{root}}{DOCROOT}/current; }}"
             # A graceful restart keeps the old listening sockets: it cannot move a Listen to
             # another address (the first run replaces Debian's `Listen 80`). Restart then.
             ' && case " $CHANGED " in *" {root}/etc/apache2/ports.conf "*)'
@@ -282,6 +291,8 @@ def host_variables(
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
         "docroot": root + DOCROOT,
+        "release_url": RELEASE_URL,
+        "apache_config": settings.apache_config_text,
     }
 
 
