@@ -144,7 +144,9 @@ fi
 """
 
 
-def activate_script(release: str, keep: int, probe_url: str, root: str = "") -> str:
+def activate_script(
+    release: str, keep: int, probe_url: str, root: str = "", ready_timeout: int = READY_TIMEOUT
+) -> str:
     """`site`: unpack (a rename), switch `current` atomically, prune, wait until served.
 
     `probe_url` is this host's own URL of RELEASE_URL; the step ends when it answers
@@ -183,13 +185,13 @@ ls -1t "$base/releases" | grep -Ex '[0-9a-f]{{32}}' | tail -n +{keep + 1} | whil
   [ "releases/$old" = {target} ] || rm -rf "$base/releases/$old"
 done
 # Ready when this host's Apache answers with the new release (bounded wait).
-for _ in $(seq 1 {READY_TIMEOUT * 5}); do
+for _ in $(seq 1 {ready_timeout * 5}); do
   if [ "$(curl -fsS --max-time 2 {shlex.quote(probe_url)} 2>/dev/null)" = {release} ]; then
     echo "hcloud-ha-web: serving release {release}"
     exit 0
   fi
   sleep 0.2
 done
-echo "hcloud-ha-web: Apache did not answer with release {release} within {READY_TIMEOUT}s" >&2
+echo "hcloud-ha-web: Apache did not answer with release {release} within {ready_timeout}s" >&2
 exit 1
 """
