@@ -20,13 +20,11 @@ import shlex
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pulumi
 import pulumi_hcloud as hcloud
 from pulumi_command import remote
 
-from components import site as site_release
 from components.config import Settings, StackConfig
 from components.render import (
     PACKAGES,
@@ -44,7 +42,7 @@ from components.render import (
     render_host,
     validate_command,
 )
-from components.rolling import web_waves
+from components.site_steps import WebHost, site_steps
 
 APT = "apt-get -q -o DPkg::Lock::Timeout=600"
 
@@ -220,7 +218,13 @@ def provision_cluster(
     previous_lb_step: dict[str, pulumi.Resource] = {}
     for host in hosts:
         role: Role = "lb" if host in settings.lb_names else "web"
-        connection = _connection(servers[host], stack)
+        connection = remote.ConnectionArgs(
+            host=servers[host].ipv4_address,
+            user="root",
+            private_key=stack.secrets.ssh_private_key,
+            dial_error_limit=30,  # a new server needs a while before sshd answers
+            per_dial_timeout=10,
+        )
         script = base_script(role, settings)
         base = remote.Command(
             f"{name}-{host}-base",
@@ -248,85 +252,10 @@ def provision_cluster(
             if role == "lb":
                 previous_lb_step[daemon.name] = step
             steps[host].append(step)
-    _site_steps(parent, name, stack, servers, steps)
+    # The user's site: released after each web server's last daemon step, in waves.
+    webs = {
+        h: WebHost(servers[h], first=steps[h][0], last=steps[h][-1]) for h in settings.web_names
+    }
+    for host, added in site_steps(parent=parent, name=name, stack=stack, webs=webs).items():
+        steps[host] += added
     return steps
-
-
-def _site_steps(
-    parent: pulumi.Resource,
-    name: str,
-    stack: StackConfig,
-    servers: Mapping[str, hcloud.Server],
-    steps: dict[str, list[pulumi.Resource]],
-) -> None:
-    """Per web server: site-check, site-copy (CopyToRemote), site; appended to `steps`.
-
-    The release's site steps of one wave wait for those of the previous wave
-    (`components.rolling.web_waves`), so never every web server switches at once; each
-    `site` step ends only when its host answers with the new release. They depend on
-    nothing that changes with the site, so a site change re-runs only these.
-    """
-    settings = stack.settings
-    release = site_release.release_id(settings.site_dir)
-    site_path = settings.site_path
-    previous_wave: list[pulumi.Resource] = []
-    for wave in web_waves(settings.web_names):
-        this_wave: list[pulumi.Resource] = []
-        for host in wave:
-            connection = _connection(servers[host], stack)
-            ip = settings.web_ips[settings.web_names.index(host)]
-            after: list[pulumi.Resource] = [steps[host][-1], *previous_wave]
-            if site_path is not None:
-                check = remote.Command(
-                    f"{name}-{host}-site-check",
-                    connection=connection,
-                    create=site_release.check_script(release),
-                    triggers=[release],
-                    add_previous_output_in_env=False,
-                    opts=pulumi.ResourceOptions(parent=parent, depends_on=[steps[host][0]]),
-                )
-                copy = remote.CopyToRemote(
-                    f"{name}-{host}-site-copy",
-                    connection=connection,
-                    source=check.stdout.apply(_release_source(site_path)),
-                    remote_path=site_release.incoming_path(release),
-                    triggers=[release],
-                    opts=pulumi.ResourceOptions(parent=parent, depends_on=[check]),
-                )
-                steps[host] += [check, copy]
-                after.append(copy)
-            step = remote.Command(
-                f"{name}-{host}-site",
-                connection=connection,
-                create=site_release.activate_script(
-                    release, settings.site_releases, f"http://{ip}{site_release.RELEASE_URL}"
-                ),
-                triggers=[release],
-                add_previous_output_in_env=False,
-                opts=pulumi.ResourceOptions(parent=parent, depends_on=after),
-            )
-            steps[host].append(step)
-            this_wave.append(step)
-        previous_wave = this_wave
-
-
-def _release_source(site_path: Path) -> Callable[[str | None], pulumi.Archive]:
-    """The copy's source: the site, or a one-file stub when `site-check` found the
-    release on the host already (a release is never shipped twice)."""
-
-    def source(check_output: str | None) -> pulumi.Archive:
-        if check_output is not None and site_release.PRESENT in check_output:
-            return pulumi.FileArchive(str(site_release.STUB_DIR))
-        return pulumi.FileArchive(str(site_path))
-
-    return source
-
-
-def _connection(server: hcloud.Server, stack: StackConfig) -> remote.ConnectionArgs:
-    return remote.ConnectionArgs(
-        host=server.ipv4_address,
-        user="root",
-        private_key=stack.secrets.ssh_private_key,
-        dial_error_limit=30,  # a new server needs a while before sshd answers
-        per_dial_timeout=10,
-    )

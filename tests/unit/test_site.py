@@ -69,7 +69,7 @@ def test_without_site_dir_each_web_server_switches_to_the_placeholder(
     assert not [r for r in regs.values() if r.type == COPY]
     for host in ("web1", "web2"):
         step = regs[f"hcloud-ha-web-{host}-site"]
-        assert step.inputs["triggers"] == ["placeholder"]
+        assert step.inputs["triggers"][1:] == ["placeholder"]
         assert "ln -sfn placeholder" in step.inputs["create"]
         assert f"hcloud-ha-web-{host}-site-check" not in regs
     assert "hcloud-ha-web-lb1-site" not in regs
@@ -93,7 +93,7 @@ def test_with_site_dir_the_release_is_a_file_archive_copied_to_its_hash(
         assert apache.urn in step.dependencies, "the vhost must exist before a switch"
         assert f"releases/{release}" in step.inputs["create"]
         for r in (check, copy, step):
-            assert r.inputs["triggers"] == [release]
+            assert r.inputs["triggers"] == [regs[f"hcloud-ha-web-{host}"].id, release]
 
 
 def test_no_site_content_reaches_any_resource_input(
