@@ -22,6 +22,9 @@ from components import site
 from components.config import StackConfig
 from components.rolling import web_waves
 
+#: Name suffix of the step whose stdout decides what the copy ships.
+CHECK_STEP_SUFFIX = "-site-check"
+
 
 @dataclass(frozen=True)
 class WebHost:
@@ -64,7 +67,7 @@ def site_steps(
             after: list[pulumi.Resource] = [web.last, *previous_wave]
             if site_path is not None:
                 check = remote.Command(
-                    f"{name}-{host}-site-check",
+                    f"{name}-{host}{CHECK_STEP_SUFFIX}",
                     connection=connection,
                     create=site.check_script(release),
                     triggers=triggers,
