@@ -30,7 +30,7 @@ from lab.cloud.apply import ApplyResult, apply
 from lab.cloud.nspawn import BootTiming, CloudError, CloudHost, CloudLab, Log, parallel
 from lab.cluster import ClusterView, lab_settings, wait_for
 from lab.fake_hcloud import FakeApi, launch
-from lab.program import ProviderFacts, RemoteStep, program_steps
+from lab.program import ProviderFacts, RemoteStep, program_steps, reveal
 from lab.topology import LabNetwork
 
 STATS_PASSWORD = "cloud-lab-stats-password"
@@ -159,6 +159,7 @@ class CloudCluster(ClusterView):
         now, as the engine runs it before anything that depends on its output."""
         if not name.endswith(CHECK_STEP_SUFFIX):
             return None
+        inputs = reveal(inputs)  # the connection holds the private key: a secret
         address = str(inputs["connection"]["host"])
         key = (address, str(inputs["create"]), *map(str, inputs.get("triggers", [])))
         if name in self.outputs and self.outputs[name][0] == key:
