@@ -90,8 +90,13 @@ def _lab_ssh_key() -> str:
 
 
 def lab_settings(web_count: int, api_url: str, **overrides: Any) -> Settings:
-    """Settings matching the lab topology (addresses, API endpoint); overrides win."""
+    """Settings matching the lab topology (addresses, API endpoint); overrides win.
+
+    The lab-only path: `lab=True` lets Settings take the fake API's plain-HTTP URL and
+    the 198.18.0.0/15 addresses, which stack config (`load_settings`) never accepts.
+    """
     values: dict[str, Any] = {
+        "lab": True,
         "ssh_public_key": _lab_ssh_key(),
         "admin_cidrs": ("198.18.0.0/15",),
         "network_cidr": "198.18.0.0/16",
