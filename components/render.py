@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import jinja2
 
-from components.config import Settings
+from components.config import Settings, validate_secret
 
 Role = Literal["lb", "web"]
 
@@ -37,6 +37,13 @@ PACKAGES: Mapping[Role, tuple[str, ...]] = {
     "web": ("apache2", "curl", "iproute2"),
 }
 
+def haproxy_quote(value: str) -> str:
+    """One HAProxy config word holding `value` as it is: single quotes take everything
+    literally (blanks, '#', '$', '\\'); a quote itself is closed, escaped and reopened, as
+    in sh. Values with control characters are refused before rendering (config.py)."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
     undefined=jinja2.StrictUndefined,
@@ -45,6 +52,7 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     autoescape=False,
 )
+_ENV.filters["haproxy_quote"] = haproxy_quote
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,27 @@ class ClusterFacts:
 
 @dataclass(frozen=True)
 class RenderSecrets:
+    """Secret values as they reach the files: configured or generated, checked alike."""
+
     stats_password: str = field(repr=False)
     vrrp_password: str = field(repr=False)
     failover_token: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # Generated values pass here too (pulumi_random in components/cluster.py).
+        validate_secret("statsPassword", self.stats_password)
+        validate_secret("vrrpPassword", self.vrrp_password)
+        validate_secret("failoverToken", self.failover_token)
+
+    def masks(self) -> tuple[str, ...]:
+        """Every form a secret takes in a rendered file, longest first: what a step
+        replaces before it prints a checker's output."""
+        forms = {
+            form
+            for value in (self.stats_password, self.vrrp_password, self.failover_token)
+            for form in (value, haproxy_quote(value))
+        }
+        return tuple(sorted(forms, key=lambda f: (-len(f), f)))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ and how to break things, then reads commands from stdin.  Everything is torn dow
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             f"""
 site:   {c.url}   (from the client: {client} curl -s {c.url})
 stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password}
-        ({client} curl -s -u {c.stats_user}:{c.stats_password} '{c.stats_url};csv')
+        ({client} curl -s -u {shlex.quote(c.stats_user + ':' + c.stats_password)} '{c.stats_url};csv')
 fake Hetzner API: {lab.api_url} (calls: {lab.workdir}/api/calls.jsonl)
 daemon logs: {lab.workdir}/logs/   host roots: {c.base}/<host>/
 failover script log: {c.base}/<lb>/var/log/hcloud-floating-ip.log

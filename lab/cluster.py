@@ -285,7 +285,8 @@ class LabCluster(ClusterView):
         self.base = RUN_BASE / f"{lab.prefix}-lab"
         self.api: FakeApi | None = None
         self.settings: Settings | None = None
-        self.stats_password = "lab-stats-" + secrets.token_hex(6)
+        # Blanks, '#', a quote and ':' on purpose: haproxy.cfg must carry them whole.
+        self.stats_password = f"lab stats #{secrets.token_hex(4)} it's:ok"
         self.secrets: RenderSecrets | None = None
         self.hosts: dict[str, HostRuntime] = {}
         self.facts = ClusterFacts(

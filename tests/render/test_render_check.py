@@ -37,11 +37,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "insert-cookie": {"cookie_mode": "insert", "cookie_name": "SERVERID"},
     "leastconn": {"balance": "leastconn"},
     "custom-health-path": {"health_check_path": "/health/ready.txt"},
-    "lab-subnet": {"network_cidr": "198.18.0.0/16", "subnet_cidr": "198.18.4.0/24"},
+    "lab-subnet": {"lab": True, "network_cidr": "198.18.0.0/16", "subnet_cidr": "198.18.4.0/24"},
     "vrrp-v2-password": {"vrrp_version": 2, "vrrp_advert_interval": 1.0},
 }
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
-SECRETS = RenderSecrets(stats_password="p@ss w0rd:#1", vrrp_password="Vr8pPass", failover_token="t")
+SECRETS = RenderSecrets(
+    stats_password="p@ss w0rd:#1", vrrp_password="Vr8pPass", failover_token="t" * 64
+)
 
 pytestmark = pytest.mark.skipif(bool(checker_missing()), reason=checker_missing() or "ok")
 
@@ -144,7 +146,7 @@ def test_lab_layout_changes_paths_not_behaviour() -> None:
 def test_discovery_script_finds_the_private_interface_by_subnet(
     host_ns: NetnsHost, tmp_path: Path
 ) -> None:
-    settings = replace(make_settings(), subnet_cidr="198.18.4.0/24", network_cidr="198.18.0.0/16")
+    settings = make_settings(lab=True, subnet_cidr="198.18.4.0/24", network_cidr="198.18.0.0/16")
     iface = host_ns.prepare_private_interface(settings.subnet_cidr, index=7, name="enp7s0")
     layout = Layout(root=str(tmp_path))
     host_ns.run(interface_facts_script(settings.subnet_cidr, layout))
