@@ -30,6 +30,9 @@ BACKUP_PRIORITY = 100
 OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
+#: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
+FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
+EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
 DOCROOT = "/var/www/hcloud-ha-web"
 
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
@@ -305,6 +308,8 @@ def host_variables(
         "failover_script": root + FAILOVER_SCRIPT,
         "token_file": root + TOKEN_FILE,
         "pid_file": root + "/run/hcloud-floating-ip.pid",
+        "state_file": root + FAILOVER_STATE_FILE,
+        "event_hook": root + EVENT_HOOK,
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
         "docroot": root + DOCROOT,
