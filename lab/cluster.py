@@ -397,7 +397,7 @@ class LabCluster(ClusterView):
         script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
         rt.host.run(["sh", "-ec", script], timeout=15)
         self._write(self.rendered(name))
-        for d in ("run/haproxy", "var/log"):
+        for d in ("run/haproxy", "var/log", "var/lib/haproxy"):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
         self._validate(name, "lb")
