@@ -97,6 +97,9 @@ def lab_settings(web_count: int, api_url: str, **overrides: Any) -> Settings:
     """
     values: dict[str, Any] = {
         "lab": True,
+        # The smallest type (2 GiB): HAProxy's maxconn 8192 needs ~16400 descriptors,
+        # within this machine's hard limit (20000); a real cx23 would ask for 32800.
+        "server_type": "cpx11",
         "ssh_public_key": _lab_ssh_key(),
         "admin_cidrs": ("198.18.0.0/15",),
         "network_cidr": "198.18.0.0/16",
