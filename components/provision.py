@@ -71,8 +71,8 @@ MASK_TEXT = "[secret hidden]"
 MASK_FUNCTION = (
     "mask() {\n"
     '  if [ -s "$stage/' + MASK_FILE + '" ]; then\n'
-    "    perl -e 'open(my $f, \"<\", shift) or die;"
-    " my @m = grep { length } map { chomp; $_ } <$f>; local $/; my $t = <STDIN> // \"\";"
+    '    perl -e \'open(my $f, "<", shift) or die;'
+    ' my @m = grep { length } map { chomp; $_ } <$f>; local $/; my $t = <STDIN> // "";'
     " for my $m (@m) { $t =~ s/\\Q$m\\E/" + MASK_TEXT + "/g } print $t;'"
     ' "$stage/' + MASK_FILE + '"\n'
     "  else cat; fi\n"

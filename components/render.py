@@ -45,6 +45,7 @@ PACKAGES: Mapping[Role, tuple[str, ...]] = {
 #: Unattended reboots (autoReboot) start here and go 30 minutes apart per host group.
 REBOOT_WINDOW_START = (2, 0)
 
+
 def haproxy_quote(value: str) -> str:
     """One HAProxy config word holding `value` as it is: single quotes take everything
     literally (blanks, '#', '$', '\\'); a quote itself is closed, escaped and reopened, as
@@ -140,9 +141,7 @@ def _host_daemons(role: Role) -> tuple[DaemonSpec, ...]:
         DaemonSpec(
             name="sshd",
             role=role,
-            files=(
-                FileSpec("host/sshd.conf.j2", "/etc/ssh/sshd_config.d/10-hcloud-ha-web.conf"),
-            ),
+            files=(FileSpec("host/sshd.conf.j2", "/etc/ssh/sshd_config.d/10-hcloud-ha-web.conf"),),
             validate=_SSHD_VALIDATE,
             activate="systemctl reload-or-restart ssh",
         ),
@@ -174,8 +173,7 @@ def _host_daemons(role: Role) -> tuple[DaemonSpec, ...]:
             validate=_TIMESYNC_VALIDATE,
             # In a container systemd skips timesyncd (the host keeps the clock): a
             # restart then succeeds without starting it.
-            activate="systemctl enable -q systemd-timesyncd"
-            " && systemctl restart systemd-timesyncd",
+            activate="systemctl enable -q systemd-timesyncd && systemctl restart systemd-timesyncd",
         ),
     )
 

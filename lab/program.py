@@ -19,11 +19,11 @@ from __future__ import annotations
 import itertools
 import runpy
 import string
-from unittest import mock
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import pulumi
 from google.protobuf import json_format

@@ -11,7 +11,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -103,7 +102,7 @@ def test_haproxy_keeps_the_applications_own_headers(cluster: LabCluster) -> None
         seen = {}
         for _ in range(6):  # round robin: both servers answer
             _, headers, body = curl_headers(cluster, "/")
-            seen["app" if "served-by\">web1<" in body and "<html" not in body else "apache"] = (
+            seen["app" if 'served-by">web1<' in body and "<html" not in body else "apache"] = (
                 headers
             )
         assert set(seen) == {"app", "apache"}, seen
@@ -175,13 +174,15 @@ def _count_from(sock: socket.socket, src: str, stop: threading.Event, out: list[
             out.append(1)
 
 
-def test_adverts_from_a_web_server_change_nothing(cluster: LabCluster) -> None:
+@pytest.mark.parametrize("priority", [254, 1], ids=["above-master", "below-backup"])
+def test_adverts_from_a_web_server_change_nothing(cluster: LabCluster, priority: int) -> None:
     """A web server sends VRRP adverts with the top priority to both LBs. keepalived
     counts adverts only from its peer (check_unicast_src): lb1 stays master, the floating
     IP stays put. Raw sockets on the LBs prove the adverts arrived."""
     assert cluster.settings is not None
     web = cluster.lab["web1"]
     assert web.private_ip is not None
+
     def transitions() -> tuple[int, int]:  # lb1 leaving MASTER, lb2 taking over
         return cluster.vrrp_transitions("lb1", "BACKUP"), cluster.vrrp_transitions("lb2", "MASTER")
 
@@ -203,7 +204,7 @@ def test_adverts_from_a_web_server_change_nothing(cluster: LabCluster) -> None:
             for lb in topo.LB_NAMES:
                 dst = topo.LB_PRIVATE_IPS[lb]
                 packet = vrrp3_advert(
-                    web.private_ip, dst, cluster.settings.vrrp_router_id, int(os.environ.get("PRIO", "254")),
+                    web.private_ip, dst, cluster.settings.vrrp_router_id, priority,
                     topo.FLOATING_IP, round(cluster.settings.vrrp_advert_interval * 100),
                 )  # fmt: skip
                 sender.sendto(packet, (dst, 0))
@@ -232,4 +233,3 @@ def test_adverts_from_a_web_server_change_nothing(cluster: LabCluster) -> None:
     ]
     assert after == before, "\n".join(states)
     assert cluster.assigned() == "lb1"
-

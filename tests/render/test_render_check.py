@@ -216,8 +216,11 @@ def test_sshd_step_checks_what_sshd_would_apply(
     settings = make_settings()
     root = tmp_path / "root"
     sshd = next(d for d in daemons_for("web") if d.name == "sshd")
-    files = [f for f in render_host(settings, facts_for(settings), SECRETS, "web1",
-                                    Layout(root=str(root))) if f.daemon == "sshd"]
+    files = [
+        f
+        for f in render_host(settings, facts_for(settings), SECRETS, "web1", Layout(root=str(root)))
+        if f.daemon == "sshd"
+    ]
     stage = tmp_path / "stage"
     write_tree(stage, files)
     live = root / "etc/ssh"
@@ -239,8 +242,13 @@ def test_updates_step_allows_the_security_origin_only(host_ns: NetnsHost, tmp_pa
 
     def check(settings: Settings, edit: tuple[str, str] | None = None) -> int:
         shutil.rmtree(tmp_path / "stage", ignore_errors=True)
-        files = [f for f in render_host(settings, facts_for(settings), SECRETS, "lb1",
-                                        Layout(root=str(root))) if f.daemon == "updates"]
+        files = [
+            f
+            for f in render_host(
+                settings, facts_for(settings), SECRETS, "lb1", Layout(root=str(root))
+            )
+            if f.daemon == "updates"
+        ]
         if edit:
             files = [replace(f, content=f.content.replace(*edit)) for f in files]
         write_tree(tmp_path / "stage", files)
@@ -249,7 +257,7 @@ def test_updates_step_allows_the_security_origin_only(host_ns: NetnsHost, tmp_pa
 
     assert check(settings) == 0
     # a pattern beside the security one (say, every stable update) is refused
-    extra = ("Debian-Security\";\n", "Debian-Security\";\n    \"origin=Debian,label=Debian\";\n")
+    extra = ('Debian-Security";\n', 'Debian-Security";\n    "origin=Debian,label=Debian";\n')
     assert check(settings, extra) != 0
     assert check(settings, ('"false";', '"false;')) != 0  # apt-config: syntax error
 
