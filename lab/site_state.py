@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pulumi
 
-from components.config import PROJECT, settings_to_config
-from lab.cluster import lab_settings
+from components.config import PROJECT, Settings, settings_to_config
+from lab.cluster import _lab_ssh_key
 from lab.measure import emit
 from lab.program import COPY_TYPE, Mocks, RecordingMonitor, install_mocks, run_main
 
@@ -44,10 +44,11 @@ def make_site(root: Path, megabytes: int) -> Path:
 
 
 def registered(**overrides: str) -> RecordingMonitor:
-    """The program's registrations for the lab's settings plus `overrides`."""
+    """The program's registrations for a production config (defaults) plus `overrides`."""
     monitor = install_mocks(Mocks(), "state")
-    values = settings_to_config(lab_settings(2, "https://api.hetzner.cloud/v1", **overrides))
-    values |= {"sshPrivateKey": "unused-private-key", "failoverToken": "unused-token"}
+    settings = Settings(ssh_public_key=_lab_ssh_key(), admin_cidrs=("203.0.113.7/32",), **overrides)
+    values = settings_to_config(settings)
+    values |= {"sshPrivateKey": "unused-private-key", "failoverToken": "a" * 64}
     config = {f"{PROJECT}:{k}": v for k, v in values.items()}
     pulumi.runtime.set_all_config(config, [f"{PROJECT}:sshPrivateKey", f"{PROJECT}:failoverToken"])
     try:

@@ -2,7 +2,7 @@
 
 ``CloudCluster(image="debian-13")`` builds the lab topology (`lab.topology.LabNetwork`,
 without pre-set floating IPs: provisioning adds them), starts the fake Hetzner API, and
-boots one systemd-nspawn host (`lab.cloud.nspawn`) inside each server's namespace: lb1,
+boots one systemd-nspawn host (`lab.cloud.host`) inside each server's namespace: lb1,
 lb2 and the web servers, all from the image the settings name.
 
 :meth:`plan` runs the Pulumi program (`__main__.py`) under mocks whose servers are these
@@ -27,7 +27,9 @@ from components.config import PROJECT, Settings, settings_to_config
 from components.site_steps import CHECK_STEP_SUFFIX
 from lab import topology as topo
 from lab.cloud.apply import ApplyResult, apply
-from lab.cloud.nspawn import BootTiming, CloudError, CloudHost, CloudLab, Log, parallel
+from lab.cloud.common import CloudError, Log
+from lab.cloud.host import BootTiming, CloudHost
+from lab.cloud.lab import CloudLab, parallel
 from lab.cluster import ClusterView, lab_settings, wait_for
 from lab.fake_hcloud import FakeApi, launch
 from lab.program import ProviderFacts, RemoteStep, program_steps, reveal
@@ -151,7 +153,9 @@ class CloudCluster(ClusterView):
     def plan(self) -> dict[str, RemoteStep]:
         """The remote steps the program registers for this cluster (under mocks)."""
         config, secret_keys = self.stack_config()
-        return program_steps(config, secret_keys, self.facts(), command_stdout=self.command_stdout)
+        return program_steps(
+            config, secret_keys, self.facts(), lab=True, command_stdout=self.command_stdout
+        )
 
     def command_stdout(self, name: str, inputs: Mapping[str, Any]) -> str | None:
         """The stdout of a command whose output the program reads (the site check):

@@ -15,7 +15,7 @@ import pytest
 
 from components.site import STUB_DIR
 from lab.cloud.apply import apply, changed
-from lab.cloud.nspawn import CloudError
+from lab.cloud.common import CloudError
 from lab.program import ProviderFacts, RemoteStep, program_steps
 from tests.conftest import valid_config
 
