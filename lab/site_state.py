@@ -43,10 +43,12 @@ def make_site(root: Path, megabytes: int) -> Path:
     return root
 
 
-def registered(**overrides: str) -> RecordingMonitor:
-    """The program's registrations for a production config (defaults) plus `overrides`."""
+def registered(site_dir: str = "") -> RecordingMonitor:
+    """The program's registrations for a production config (defaults), with `site_dir`."""
     monitor = install_mocks(Mocks(), "state")
-    settings = Settings(ssh_public_key=_lab_ssh_key(), admin_cidrs=("203.0.113.7/32",), **overrides)
+    settings = Settings(
+        ssh_public_key=_lab_ssh_key(), admin_cidrs=("203.0.113.7/32",), site_dir=site_dir
+    )
     values = settings_to_config(settings)
     values |= {"sshPrivateKey": "unused-private-key", "failoverToken": "a" * 64}
     config = {f"{PROJECT}:{k}": v for k, v in values.items()}
