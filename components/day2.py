@@ -31,7 +31,7 @@ from pathlib import Path
 import pulumi
 
 from components.config import Settings
-from components.render import DOCROOT
+from components.render import DAEMONS
 
 STATE_DIR = "/var/lib/hcloud-ha-web"
 DRAINED_MARKER = f"{STATE_DIR}/drained"
@@ -83,7 +83,9 @@ echo "hcloud-ha-web: root has $(grep -c '^[a-z]' /root/.ssh/authorized_keys) aut
 
 
 def _check_file(settings: Settings) -> str:
-    return shlex.quote(DOCROOT + settings.health_check_path)
+    """The file HAProxy's health check requests, where the render table puts it."""
+    spec = next(f for d in DAEMONS for f in d.files if f.template == "www/check.txt.j2")
+    return shlex.quote(spec.dest.replace("{health_check_path}", settings.health_check_path))
 
 
 def _quiet_seconds(settings: Settings) -> int:

@@ -10,6 +10,7 @@ import pytest
 from components import day2
 from components.cluster import HaWebCluster
 from components.identity import ClusterIdentityProvider, identity_inputs, refusals
+from components.render import DAEMONS, file_targets
 from components.rolling import lb_order, rolling_gates, web_waves
 from lab.program import (
     SERVER_TYPE,
@@ -22,6 +23,7 @@ from lab.program import (
 from tests.conftest import STACK, ed25519_public_key, make_settings, make_stack, run
 
 COMMAND = "command:remote:Command"
+APACHE = next(d for d in DAEMONS if d.name == "apache")
 HOSTS = ("lb1", "lb2", "web1", "web2", "web3", "web4")
 
 
@@ -141,7 +143,8 @@ def test_leaving_hosts_hand_over_in_their_serve_steps_delete(monitor: RecordingM
         assert serve.delete_before_replace
         assert settings.server_type in serve.inputs["triggers"]
     assert "systemctl disable -q --now keepalived" in day2.drain_script("lb", settings)
-    assert "mv -f /var/www/hcloud-ha-web/check.txt " in day2.drain_script("web", settings)
+    check = next(t.path for t in file_targets(settings, APACHE) if t.path.endswith("check.txt"))
+    assert f"mv -f {check} {check}.drained" in day2.drain_script("web", settings)
 
 
 def test_a_first_deployment_creates_every_server_at_once(monitor: RecordingMonitor) -> None:
@@ -211,8 +214,8 @@ def test_settings_that_cannot_roll_are_refused_with_the_way_out() -> None:
         assert "new stack" in failures[0].reason and "allowDisruptiveChanges" in failures[0].reason
         overridden = identity_inputs(make_settings(allow_disruptive_changes=True, **change))
         assert refusals(old, overridden) == []
-    checked = ClusterIdentityProvider().check(old, identity_inputs(make_settings(location="ash")))
-    assert checked.failures and checked.inputs["location"] == "ash"
+    checked = ClusterIdentityProvider().check(old, identity_inputs(make_settings(location="hel1")))
+    assert checked.failures and checked.inputs["location"] == "hel1"
 
 
 def test_nothing_changes_before_the_identity_check(monitor: RecordingMonitor) -> None:

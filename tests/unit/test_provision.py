@@ -18,7 +18,8 @@ from tests.conftest import (
 COMMAND = "command:remote:Command"
 ROLE_STEPS = {
     "lb": ["keys", "base", *[d.name for d in DAEMONS if d.role == "lb"], "serve"],
-    "web": ["keys", "base", *[d.name for d in DAEMONS if d.role == "web"], "serve"],
+    # without siteDir the site step switches to the placeholder release
+    "web": ["keys", "base", *[d.name for d in DAEMONS if d.role == "web"], "site", "serve"],
 }
 #: Readiness steps after `serve`: an LB checks itself, a web server is checked on each LB.
 READY = {"lb": ["ready"], "web": ["ready-lb1", "ready-lb2"]}
