@@ -137,12 +137,11 @@ if [ -n "$changed" ]; then
   (umask 022 && mkdir -p "$(dirname "$pending")")
   printf '%s\n' "$changed" > "$pending"
   export CHANGED="$changed"  # the activate command may look at which files changed
-  if ! ( {activate_command(daemon, layout)}
-  ); then
-    echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname)" \
-      "(it runs again on the next update)" >&2
-    exit 1
-  fi
+  # A failing activation ends the step (set -e) and leaves "$pending" for the next run.
+  trap 'echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname)" \
+    "(it runs again on the next update)" >&2' ERR
+  {activate_command(daemon, layout)}
+  trap - ERR
   rm -f "$pending"
   echo "hcloud-ha-web: {daemon.name} updated and reloaded"
 else
