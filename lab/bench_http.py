@@ -12,7 +12,9 @@ each with keep-alive (``keepalive``) and with a new connection per request (``cl
 requests/s, p50 and p99 latency, the ratio floating IP / direct (run by run), and CPU
 time per request of HAProxy (lb1), Apache (all web servers) and wrk itself, from
 /proc/<pid>/stat before and after (utime+stime of the live processes plus what their
-reaped children used), so the 2 cores' budget is visible process by process.
+reaped children used), so the 2 cores' budget is visible process by process, and the
+ratio those CPU costs allow at best when wrk, HAProxy and Apache share the cores
+(``http_rps_ratio_cpu_ceiling_*``: direct cost / (direct cost + HAProxy's cost)).
 """
 
 from __future__ import annotations
@@ -150,6 +152,19 @@ def main(argv: list[str] | None = None) -> int:
             emit_distribution(f"http_rps_ratio_{mode}", ratios, "floating_ip/direct")
             for proc, values in cpu.items():
                 emit_distribution(f"cpu_per_request_{proc}_{mode}", values, "us")
+            # With every core busy, throughput ~ cores / CPU per request. Even if Apache
+            # cost as much per request behind HAProxy as it does direct, the floating IP
+            # path adds HAProxy's CPU: this is the best ratio those costs allow.
+            ceiling = [
+                (ad + wd) / (ad + wd + hf)
+                for ad, wd, hf in zip(
+                    cpu["apache2_direct"],
+                    cpu["wrk_direct"],
+                    cpu["haproxy_floating_ip"],
+                    strict=True,
+                )
+            ]
+            emit_distribution(f"http_rps_ratio_cpu_ceiling_{mode}", ceiling, "floating_ip/direct")
             emit(
                 f"http_conditions_{mode}",
                 {
