@@ -160,7 +160,7 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         activate="true",
     ),
     DaemonSpec(
-        name="haproxy-watch",
+        name="watcher",
         role="lb",
         files=(
             FileSpec("keepalived/haproxy-watch.j2", HAPROXY_WATCH, "0755"),
