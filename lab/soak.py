@@ -232,7 +232,7 @@ def soak(c: LabCluster, duration: float, rng: random.Random, kinds: tuple[str, .
     return report
 
 
-def calm(c: LabCluster, duration: float, connections: int) -> int:
+def calm(c: LabCluster, duration: float, connections: int, nice: int = 0) -> int:
     """Load without faults; returns the number of VRRP transitions + assign calls."""
     before = {lb: c.vrrp_transitions(lb, "MASTER") + c.vrrp_transitions(lb, "BACKUP")
               for lb in topo.LB_NAMES}  # fmt: skip
@@ -244,7 +244,10 @@ def calm(c: LabCluster, duration: float, connections: int) -> int:
         if left <= 1:
             break
         chunk = min(30.0, left)
-        argv = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{chunk:.0f}s", c.url]
+        # niced: the load must not starve the LBs' keepalived of CPU more than a real
+        # neighbour would, only keep HAProxy and Apache busy
+        argv = ["nice", "-n", str(nice), "wrk", "-t", "1", "-c", str(connections)]
+        argv += ["-d", f"{chunk:.0f}s", c.url]
         proc = c.lab.client.run(argv, timeout=chunk + 30, check=False)
         for line in proc.stdout.splitlines():
             if " requests in " in line:
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS))
     parser.add_argument("--calm", action="store_true", help="no faults: count false failovers")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections (--calm)")
+    parser.add_argument("--nice", type=int, default=0, choices=range(20), help="wrk's niceness")
     args = parser.parse_args(argv)
     reason = requirements_missing()
     if args.calm and not reason and not which("wrk"):
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with LabNetwork(web_count=2) as lab, LabCluster(lab) as c:
         if args.calm:
-            false = calm(c, duration, args.connections)
+            false = calm(c, duration, args.connections, args.nice)
             return 1 if false else 0
         report = soak(c, duration, random.Random(seed), tuple(args.kinds))
     for kind in sorted(report.failed):
