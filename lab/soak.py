@@ -232,10 +232,19 @@ def soak(c: LabCluster, duration: float, rng: random.Random, kinds: tuple[str, .
     return report
 
 
+STATES = ("MASTER", "BACKUP", "FAULT")
+
+
+def _entered(c: LabCluster) -> dict[str, dict[str, int]]:
+    return {lb: {st: c.vrrp_transitions(lb, st) for st in STATES} for lb in topo.LB_NAMES}
+
+
 def calm(c: LabCluster, duration: float, connections: int, nice: int = 0) -> int:
-    """Load without faults; returns the number of VRRP transitions + assign calls."""
-    before = {lb: c.vrrp_transitions(lb, "MASTER") + c.vrrp_transitions(lb, "BACKUP")
-              for lb in topo.LB_NAMES}  # fmt: skip
+    """Load without faults; returns the false failovers seen: lb1 leaving MASTER, lb2
+    entering MASTER or either entering FAULT (keepalived's log), and assign calls."""
+    wait_for(lambda: c.vrrp_transitions("lb2", "BACKUP") >= 1, 10, "lb2 logged BACKUP")
+    time.sleep(1.0)
+    before = _entered(c)
     t0 = time.time()
     deadline = time.monotonic() + duration
     requests = 0
@@ -253,14 +262,17 @@ def calm(c: LabCluster, duration: float, connections: int, nice: int = 0) -> int
             if " requests in " in line:
                 requests += int(line.split()[0])
     moves = len(assign_calls(c.api_calls(t0)))
-    transitions = {
-        lb: c.vrrp_transitions(lb, "MASTER") + c.vrrp_transitions(lb, "BACKUP") - before[lb]
-        for lb in topo.LB_NAMES
-    }
-    emit("calm_vrrp_transitions", transitions, "transitions", seconds=duration)
+    after = _entered(c)
+    entered = {lb: {st: after[lb][st] - before[lb][st] for st in STATES} for lb in after}
+    false = (
+        entered["lb1"]["BACKUP"] + entered["lb2"]["MASTER"]
+        + entered["lb1"]["FAULT"] + entered["lb2"]["FAULT"]
+    )  # fmt: skip
+    emit("calm_vrrp_states_entered", entered, "transitions", seconds=duration)
     emit("calm_assign_calls", moves, "calls", seconds=duration)
     emit("calm_requests", requests, "requests", seconds=duration, connections=connections)
-    return sum(transitions.values()) + moves
+    emit("calm_false_failovers", false + moves, "events", seconds=duration)
+    return false + moves
 
 
 def main(argv: list[str] | None = None) -> int:
