@@ -42,13 +42,15 @@ from components.render import (
     render_host,
     validate_command,
 )
+from components.site_steps import WebHost, site_steps
 
 APT = "apt-get -q -o DPkg::Lock::Timeout=600"
 
 
 def base_script(role: Role, settings: Settings) -> str:
     """Shell of the base step: idempotent, safe to re-run."""
-    packages = " ".join(PACKAGES[role])
+    extra = settings.web_packages if role == "web" else ()
+    packages = " ".join((*PACKAGES[role], *extra))
     return f"""set -eu
 if command -v cloud-init >/dev/null 2>&1; then
   cloud-init status --wait >/dev/null 2>&1 || true
@@ -277,4 +279,10 @@ def provision_cluster(
             if role == "lb":
                 previous_lb_step[daemon.name] = step
             steps[host].append(step)
+    # The user's site: released after each web server's last daemon step, in waves.
+    webs = {
+        h: WebHost(servers[h], first=steps[h][0], last=steps[h][-1]) for h in settings.web_names
+    }
+    for host, added in site_steps(parent=parent, name=name, stack=stack, webs=webs).items():
+        steps[host] += added
     return steps

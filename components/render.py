@@ -19,6 +19,7 @@ import jinja2
 
 from components.config import Settings, validate_secret
 from components.rolling import web_waves
+from components.site import DOCROOT, PLACEHOLDER, RELEASE_URL
 
 Role = Literal["lb", "web"]
 
@@ -30,11 +31,19 @@ BACKUP_PRIORITY = 100
 # project's 3600 requests/hour.
 OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
+HAPROXY_WATCH = "/usr/local/sbin/hcloud-haproxy-watch"
+#: What the watcher writes (0 HAProxy answers, 1 it is dead) and keepalived tracks.
+HAPROXY_DOWN_FILE = "/run/hcloud-ha-web/haproxy-down"
+#: The longest wait for a supervisor's restart of a dead HAProxy before failing over;
+#: Debian's unit (Restart=always, RestartSec 100 ms) has it back in ~0.25 s.
+HAPROXY_RESTART_WAIT = 1.0
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 #: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
 FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
 EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
-DOCROOT = "/var/www/hcloud-ha-web"
+#: Apache modules the site's virtual host uses (rewrite: for apacheConfig's rules).
+APACHE_MODULES = ("remoteip", "usertrack", "rewrite")
+_MODS = " ".join(APACHE_MODULES)
 
 #: Every host: automatic security updates, sshd (its checker), time synchronisation.
 HOST_PACKAGES = ("unattended-upgrades", "openssh-server", "systemd-timesyncd")
@@ -92,13 +101,13 @@ _APACHE_VALIDATE = r"""
 base={root}/etc/apache2; [ -d "$base" ] || base=/etc/apache2
 cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
 cp -a "$base/." "$cfg/" && cp -a "$STAGE{root}/etc/apache2/." "$cfg/"
-for m in remoteip usertrack; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
+for m in {mods}; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
 ln -sf ../sites-available/hcloud-ha-web.conf "$cfg/sites-enabled/hcloud-ha-web.conf"
 rm -f "$cfg/sites-enabled/000-default.conf"
 # envvars reads variables it may not find set: source it without the step's `set -u`
 (set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
   && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
-"""
+""".replace("{mods}", _MODS)
 
 # sshd -t on the host's sshd_config with the staged drop-ins in place of the live ones,
 # then sshd -T: the values that win (sshd keeps the first it reads) must be ours.
@@ -195,14 +204,20 @@ DAEMONS: tuple[DaemonSpec, ...] = (
                 "apache2/hcloud-ha-web.conf.j2",
                 "/etc/apache2/sites-available/hcloud-ha-web.conf",
             ),
-            FileSpec("www/index.html.j2", f"{DOCROOT}/index.html"),
-            FileSpec("www/check.txt.j2", f"{DOCROOT}{{health_check_path}}"),
+            FileSpec("apache2/site.conf.j2", "/etc/apache2/hcloud-ha-web/site.conf"),
+            # The placeholder release and the health-check file: the site steps switch
+            # between releases and never touch health/.
+            FileSpec("www/index.html.j2", f"{DOCROOT}/{PLACEHOLDER}/site/index.html"),
+            FileSpec("www/check.txt.j2", f"{DOCROOT}/health{{health_check_path}}"),
         ),
         validate=_APACHE_VALIDATE,
         activate=(
-            "a2enmod -q remoteip usertrack && a2ensite -q hcloud-ha-web"
+            f"a2enmod -q {_MODS} && a2ensite -q hcloud-ha-web"
             " && { a2dissite -q 000-default 2>/dev/null || true; }"
             " && systemctl enable -q apache2"
+            # The document root is current/site; the site step owns the symlink later.
+            f" && {{ [ -e {{root}}{DOCROOT}/current ]"
+            f" || ln -sfn {PLACEHOLDER} {{root}}{DOCROOT}/current; }}"
             # A graceful restart keeps the old listening sockets: it cannot move a Listen to
             # another address (the first run replaces Debian's `Listen 80`). Restart then.
             ' && case " $CHANGED " in *" {root}/etc/apache2/ports.conf "*)'
@@ -254,6 +269,27 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         ),
         # keepalived runs the script at its next transition or check; nothing to reload.
         activate="true",
+    ),
+    DaemonSpec(
+        name="watcher",
+        role="lb",
+        files=(
+            FileSpec("keepalived/haproxy-watch.j2", HAPROXY_WATCH, "0755"),
+            FileSpec(
+                "keepalived/hcloud-haproxy-watch.service.j2",
+                "/etc/systemd/system/hcloud-haproxy-watch.service",
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{HAPROXY_WATCH} && rm -rf $STAGE{{root}}"
+            f"{Path(HAPROXY_WATCH).parent}/__pycache__"
+            " && grep -q '^ExecStart=/usr/bin/python3 '"
+            " $STAGE{root}/etc/systemd/system/hcloud-haproxy-watch.service"
+        ),
+        activate=(
+            "systemctl daemon-reload && systemctl enable -q hcloud-haproxy-watch"
+            " && systemctl restart hcloud-haproxy-watch"
+        ),
     ),
     DaemonSpec(
         name="keepalived",
@@ -325,6 +361,8 @@ class Layout:
     """Prefix of every path the files name (the lab gives each host its own tree)."""
     haproxy_log_target: str = "/dev/log"
     """HAProxy `log` target: the journal via /dev/log, or `stdout` in the lab."""
+    haproxy_unit: str = "haproxy.service"
+    """The unit whose restarts the HAProxy watcher waits for; empty: no supervisor."""
     failover_log_file: str = ""
     """Empty: the failover script logs to the journal; else it appends to this file."""
 
@@ -405,7 +443,12 @@ def host_variables(
         "event_hook": root + EVENT_HOOK,
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
+        "haproxy_unit": layout.haproxy_unit,
+        "haproxy_down_file": root + HAPROXY_DOWN_FILE,
+        "haproxy_restart_wait": HAPROXY_RESTART_WAIT,
         "docroot": root + DOCROOT,
+        "release_url": RELEASE_URL,
+        "apache_config": settings.apache_config_text,
         "auto_reboot": settings.auto_reboot,
         "reboot_time": reboot_time(settings, host.name),
         "maxconn": haproxy_maxconn(settings.server_memory_mib),
