@@ -137,11 +137,14 @@ if [ -n "$changed" ]; then
   (umask 022 && mkdir -p "$(dirname "$pending")")
   printf '%s\n' "$changed" > "$pending"
   export CHANGED="$changed"  # the activate command may look at which files changed
-  # A failing activation ends the step (set -e) and leaves "$pending" for the next run.
-  trap 'echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname)" \
-    "(it runs again on the next update)" >&2' ERR
-  {activate_command(daemon, layout)}
-  trap - ERR
+  # Any failing command of the activation fails the step (set -e alone would let a
+  # failure before the last `&&` pass) and leaves "$pending" for the next run.
+  if ! ( {activate_command(daemon, layout)}
+  ); then
+    echo "hcloud-ha-web: {daemon.name} activation failed on $(hostname)" \
+      "(it runs again on the next update)" >&2
+    exit 1
+  fi
   rm -f "$pending"
   echo "hcloud-ha-web: {daemon.name} updated and reloaded"
 else
