@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 from components.config import Settings
 from components.render import (
     APACHE_MODULES,
+    HAPROXY_DOWN_FILE,
+    HAPROXY_WATCH,
     ClusterFacts,
     Layout,
     RenderedFile,
@@ -320,6 +322,7 @@ class LabCluster(ClusterView):
             layout = Layout(
                 root=str(root),
                 haproxy_log_target="stdout",
+                haproxy_unit="",  # no supervisor restarts the lab's HAProxy
                 failover_log_file=str(root / "var/log/hcloud-floating-ip.log"),
             )
             self.hosts[host.name] = HostRuntime(host, root, layout)
@@ -554,9 +557,21 @@ class LabCluster(ClusterView):
     def kill_keepalived(self, name: str, sig: int = signal.SIGKILL) -> None:
         self._stop(self.hosts[name], "keepalived", sig)
 
+    def start_haproxy_watch(self, name: str) -> None:
+        """The watcher that tells keepalived (track_file) when HAProxy dies."""
+        script = str(self.hosts[name].root) + HAPROXY_WATCH
+        self._popen(name, "haproxy-watch", ["python3", script])
+
+    def haproxy_down_flag(self, name: str) -> str:
+        """What the watcher last wrote for keepalived: "0" (HAProxy answers) or "1"."""
+        path = Path(str(self.hosts[name].root) + HAPROXY_DOWN_FILE)
+        return path.read_text().strip() if path.exists() else ""
+
     def start_lb(self, name: str, timeout: float = 10.0) -> None:
         self.start_haproxy(name)
         wait_for(lambda: self.haproxy_healthy(name), timeout, f"haproxy on {name}")
+        self.start_haproxy_watch(name)
+        wait_for(lambda: self.haproxy_down_flag(name) == "0", timeout, f"watcher on {name}")
         self.start_keepalived(name)
 
     def vanish(self, name: str) -> None:
