@@ -280,9 +280,7 @@ def provision_cluster(
                 previous_lb_step[daemon.name] = step
             steps[host].append(step)
     # The user's site: released after each web server's last daemon step, in waves.
-    webs = {
-        h: WebHost(servers[h], first=steps[h][0], last=steps[h][-1]) for h in settings.web_names
-    }
+    webs = {h: WebHost(servers[h], last=steps[h][-1]) for h in settings.web_names}
     for host, added in site_steps(parent=parent, name=name, stack=stack, webs=webs).items():
         steps[host] += added
     return steps
