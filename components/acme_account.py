@@ -125,7 +125,9 @@ def account_key(seed: bytes) -> AccountKey:
     der = b"\x30" + _der_len(len(body)) + body
     b64 = base64.b64encode(der).decode()
     lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
-    pem = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END RSA PRIVATE KEY-----\n"
+    pem = (
+        "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END RSA PRIVATE KEY-----\n"
+    )
     return AccountKey(modulus=n, private_pem=pem)
 
 
