@@ -21,6 +21,7 @@ Failures for the scenarios: :meth:`kill_haproxy` / :meth:`start_haproxy`,
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -38,6 +39,9 @@ from typing import Any, TypeVar
 
 from components.config import Settings
 from components.render import (
+    CERT_SCRIPT,
+    CERT_STATE_FILE,
+    TLS_CERT,
     ClusterFacts,
     Layout,
     RenderedFile,
@@ -48,6 +52,7 @@ from components.render import (
     validate_command,
 )
 from lab import topology as topo
+from lab.acme import PebbleCA, launch_acme
 from lab.fake_hcloud import FakeApi, launch
 from lab.netns import Host, LabError, child_pids
 from lab.topology import LabNetwork
@@ -282,6 +287,7 @@ class LabCluster(ClusterView):
         self.settings: Settings | None = None
         self.stats_password = "lab-stats-" + secrets.token_hex(6)
         self.secrets: RenderSecrets | None = None
+        self.acme: PebbleCA | None = None
         self.hosts: dict[str, HostRuntime] = {}
         self.facts = ClusterFacts(
             floating_ip=topo.FLOATING_IP,
@@ -297,11 +303,17 @@ class LabCluster(ClusterView):
         self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.base.chmod(0o755)
         self.api = launch(self.lab)
+        if self.settings_overrides.get("domains"):
+            # HTTPS: Let's Encrypt's test CA on the public side; the LBs ask it, not LE.
+            self.acme = launch_acme(self.lab)
+            self.settings_overrides.setdefault("acme_directory", self.acme.directory_url)
+            self.settings_overrides.setdefault("acme_email", "lab@hcloud-ha-web.example")
         self.settings = lab_settings(self.lab.web_count, self.api.url, **self.settings_overrides)
         self.secrets = RenderSecrets(
             stats_password=self.stats_password,
             vrrp_password="lab-vrrp",
             failover_token=self.api.token,
+            acme_account_seed=base64.b64encode(secrets.token_bytes(32)).decode(),
         )
         for host in [*self.lab.lbs, *self.lab.webs]:
             root = self.base / host.name
@@ -310,6 +322,9 @@ class LabCluster(ClusterView):
                 root=str(root),
                 haproxy_log_target="stdout",
                 failover_log_file=str(root / "var/log/hcloud-floating-ip.log"),
+                acme_ca_bundle=str(self.acme.api_ca) if self.acme else "",
+                haproxy_reload_command="",  # the lab hot-loads through the runtime API only
+                systemd=False,
             )
             self.hosts[host.name] = HostRuntime(host, root, layout)
         for web in self.lab.webs:
@@ -321,7 +336,44 @@ class LabCluster(ClusterView):
         wait_for(lambda: self.is_master("lb1"), timeout, "lb1 to become VRRP master")
         self.start_lb("lb2")
         self.wait_settled(timeout)
+        if self.acme is not None:
+            for lb in topo.LB_NAMES:  # what the acme step's `activate` does on a real host
+                out = self.cert_command(lb, "activate")
+                if self.cert_command(lb, "status", check=False).returncode != 0:
+                    raise LabError(f"{lb}: no certificate from Pebble:\n{out.stdout}"
+                                   f"{out.stderr}\n{self.acme.log()[-3000:]}")
         return self
+
+    # -- HTTPS ---------------------------------------------------------------------
+    def cert_command(
+        self, name: str, *args: str, check: bool = True, timeout: float = 150
+    ) -> subprocess.CompletedProcess[str]:
+        """``hcloud-ha-web-cert ARGS`` on LB ``name`` (what the systemd timer runs)."""
+        rt = self.hosts[name]
+        script = str(rt.root / CERT_SCRIPT.lstrip("/"))
+        proc = rt.host.run(["python3", script, *args], check=False, timeout=timeout)
+        with (rt.host.logdir / f"{name}-cert.log").open("a") as log:
+            log.write(f"$ hcloud-ha-web-cert {' '.join(args)} -> {proc.returncode}\n")
+            log.write(proc.stdout + proc.stderr)
+        if check and proc.returncode != 0:
+            raise LabError(f"{name}: hcloud-ha-web-cert {' '.join(args)} failed:\n"
+                           f"{proc.stdout}{proc.stderr}")
+        return proc
+
+    def served_cert(self, name: str) -> dict[str, str]:
+        """What HAProxy on ``name`` serves right now (runtime API ``show ssl cert``)."""
+        rt = self.hosts[name]
+        out = self.haproxy_command(name, f"show ssl cert {rt.root}{TLS_CERT}")
+        fields = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return fields
+
+    def cert_state(self, name: str) -> dict[str, Any]:
+        path = self.hosts[name].root / CERT_STATE_FILE.lstrip("/")
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def stop(self) -> None:
         """Stop every daemon by PID and remove the host roots (the lab removes the rest)."""
@@ -330,6 +382,8 @@ class LabCluster(ClusterView):
                 self._stop(rt, name, signal.SIGTERM)
         if self.api is not None:
             self.lab.api.kill(self.api.proc)
+        if self.acme is not None:
+            self.acme.stop()
         if self.base.is_dir() and self.base.parent == RUN_BASE:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -391,7 +445,7 @@ class LabCluster(ClusterView):
         script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
         rt.host.run(["sh", "-ec", script], timeout=15)
         self._write(self.rendered(name))
-        for d in ("run/haproxy", "var/log"):
+        for d in ("run/haproxy", "var/log", "var/lib/hcloud-ha-web"):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
         self._validate(name, "lb")
