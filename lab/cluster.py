@@ -41,6 +41,7 @@ from components.config import Settings
 from components.render import (
     CERT_SCRIPT,
     CERT_STATE_FILE,
+    STATS_LOCAL_PORT,
     TLS_CERT,
     ClusterFacts,
     Layout,
@@ -250,7 +251,47 @@ class ClusterView:
 
     @property
     def stats_url(self) -> str:
-        return f"http://{topo.FLOATING_IP}{STATS_URL_PATH}"
+        """Where the stats page is: HTTPS on the primary domain, or each LB's localhost."""
+        if self.domains:
+            return f"https://{self.domains[0]}{STATS_URL_PATH}"
+        return f"http://127.0.0.1:{STATS_LOCAL_PORT}{STATS_URL_PATH}"
+
+    # -- HTTPS ---------------------------------------------------------------------
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.settings.domains if self.settings is not None else ()
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.domains[0]}/"
+
+    @property
+    def issuing_root(self) -> str:
+        """The CA file a client verifies the site's certificate against."""
+        raise NotImplementedError
+
+    def tls_stream_args(self) -> dict[str, Any]:
+        """`TrafficStream` / `fetch` arguments for HTTPS through the floating IP."""
+        return {"connect_to": topo.FLOATING_IP, "cafile": self.issuing_root}
+
+    def cert_command(
+        self, name: str, *args: str, check: bool = True, timeout: float = 150
+    ) -> subprocess.CompletedProcess[str]:
+        """``hcloud-ha-web-cert ARGS`` on LB ``name`` (what the systemd timer runs)."""
+        raise NotImplementedError
+
+    def tls_cert_path(self, name: str) -> str:
+        raise NotImplementedError
+
+    def served_cert(self, name: str) -> dict[str, str]:
+        """What HAProxy on ``name`` serves right now (runtime API ``show ssl cert``)."""
+        out = self.haproxy_command(name, f"show ssl cert {self.tls_cert_path(name)}")
+        fields = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return fields
 
     @property
     def stats_user(self) -> str:
@@ -360,16 +401,13 @@ class LabCluster(ClusterView):
                            f"{proc.stdout}{proc.stderr}")
         return proc
 
-    def served_cert(self, name: str) -> dict[str, str]:
-        """What HAProxy on ``name`` serves right now (runtime API ``show ssl cert``)."""
-        rt = self.hosts[name]
-        out = self.haproxy_command(name, f"show ssl cert {rt.root}{TLS_CERT}")
-        fields = {}
-        for line in out.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip()] = value.strip()
-        return fields
+    def tls_cert_path(self, name: str) -> str:
+        return str(self.hosts[name].root) + TLS_CERT
+
+    @property
+    def issuing_root(self) -> str:
+        assert self.acme is not None, "no ACME CA in this lab (no domains)"
+        return str(self.acme.issuing_root)
 
     def cert_state(self, name: str) -> dict[str, Any]:
         path = self.hosts[name].root / CERT_STATE_FILE.lstrip("/")
