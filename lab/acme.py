@@ -140,19 +140,37 @@ def launch_acme(lab: LabNetwork, ready_timeout: float = 15.0) -> PebbleCA:
     )
     procs = [
         host.popen(
-            ["pebble-challtestsrv", "-defaultIPv4", topo.FLOATING_IP, "-defaultIPv6", "",
-             "-dns01", f"{ACME_IP}:{DNS_PORT}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-             "-management", f"{ACME_IP}:{CHALLTESTSRV_PORT}"],
+            [
+                "pebble-challtestsrv",
+                "-defaultIPv4",
+                topo.FLOATING_IP,
+                "-defaultIPv6",
+                "",
+                "-dns01",
+                f"{ACME_IP}:{DNS_PORT}",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                f"{ACME_IP}:{CHALLTESTSRV_PORT}",
+            ],
             log=workdir / "challtestsrv.log",
-        ),  # fmt: skip
+        ),
         host.popen(
             ["pebble", "-config", str(config), "-dnsserver", f"{ACME_IP}:{DNS_PORT}"],
             log=workdir / "pebble.log",
             # no sleeping before validation, no random nonce rejection, no authz reuse (a
             # refused domain must really be validated again)
-            env={**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
-                 "PEBBLE_AUTHZREUSE": "0"},
-        ),  # fmt: skip
+            env={
+                **os.environ,
+                "PEBBLE_VA_NOSLEEP": "1",
+                "PEBBLE_WFE_NONCEREJECT": "0",
+                "PEBBLE_AUTHZREUSE": "0",
+            },
+        ),
     ]
     ca = PebbleCA(host, workdir, api_ca, workdir / "pebble-issuing-root.pem", procs)
     ctx = ssl.create_default_context(cafile=str(api_ca))
@@ -167,7 +185,7 @@ def launch_acme(lab: LabNetwork, ready_timeout: float = 15.0) -> PebbleCA:
     def root_ready() -> str:
         for proc in procs:
             if proc.poll() is not None:
-                raise LabError(f"{proc.args} exited:\n{ca.log()}")
+                raise LabError(f"{proc.args!r} exited:\n{ca.log()}")
         return host.call(get_root)
 
     try:

@@ -378,11 +378,13 @@ class LabCluster(ClusterView):
         self.start_lb("lb2")
         self.wait_settled(timeout)
         if self.acme is not None:
-            for lb in topo.LB_NAMES:  # what the acme step's `activate` does on a real host
-                out = self.cert_command(lb, "activate")
-                if self.cert_command(lb, "status", check=False).returncode != 0:
-                    raise LabError(f"{lb}: no certificate from Pebble:\n{out.stdout}"
-                                   f"{out.stderr}\n{self.acme.log()[-3000:]}")
+            for lb_name in topo.LB_NAMES:  # what the acme step's `activate` does on a host
+                out = self.cert_command(lb_name, "activate")
+                if self.cert_command(lb_name, "status", check=False).returncode != 0:
+                    raise LabError(
+                        f"{lb_name}: no certificate from Pebble:\n{out.stdout}"
+                        f"{out.stderr}\n{self.acme.log()[-3000:]}"
+                    )
         return self
 
     # -- HTTPS ---------------------------------------------------------------------
@@ -397,8 +399,9 @@ class LabCluster(ClusterView):
             log.write(f"$ hcloud-ha-web-cert {' '.join(args)} -> {proc.returncode}\n")
             log.write(proc.stdout + proc.stderr)
         if check and proc.returncode != 0:
-            raise LabError(f"{name}: hcloud-ha-web-cert {' '.join(args)} failed:\n"
-                           f"{proc.stdout}{proc.stderr}")
+            raise LabError(
+                f"{name}: hcloud-ha-web-cert {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
     def tls_cert_path(self, name: str) -> str:

@@ -141,7 +141,9 @@ def _is_down(c: ClusterView, lb: str, web: str) -> bool:
 
 def curl(c: ClusterView, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
     """curl from the client namespace; every domain resolves to the floating IP, as DNS says."""
-    resolve = [a for d in c.domains for p in (80, 443) for a in ("--resolve", f"{d}:{p}:{FLOATING_IP}")]
+    resolve = [
+        a for d in c.domains for p in (80, 443) for a in ("--resolve", f"{d}:{p}:{FLOATING_IP}")
+    ]
     return c.lab.client.run(
         ["curl", "-sS", "--max-time", str(timeout - 2), *resolve, *args],
         check=False,
@@ -167,8 +169,9 @@ def check_https_served_by(c: ClusterView, lb: str) -> dict[str, str]:
     finally:
         if previous:
             c.lab.route_floating_ip_to(previous)
-    assert set(c.domains) <= {n.strip().removeprefix("DNS:")
-                              for n in served["Subject Alternative Name"].split(",")}, served
+    assert set(c.domains) <= {
+        n.strip().removeprefix("DNS:") for n in served["Subject Alternative Name"].split(",")
+    }, served
     assert served["Algorithm"] == "EC256", served  # ECDSA P-256
     assert served["Issuer"] != served["Subject"], served  # not the placeholder
     return served

@@ -134,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--timeout", type=float, default=0.3)
-    parser.add_argument("--connect-to", default=None, help="address to dial (https: SNI = URL host)")
+    parser.add_argument(
+        "--connect-to", default=None, help="address to dial (https: SNI = URL host)"
+    )
     parser.add_argument("--cacert", default=None, help="CA file for https URLs")
     args = parser.parse_args(argv)
     print(json.dumps({"event": "start", "ts": time.time()}), flush=True)
