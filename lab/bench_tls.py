@@ -7,10 +7,11 @@ figure is a distribution over ``--runs`` runs (JSON lines through ``lab.measure`
   TLS connections at once, one request each (h2load never resumes a session, so every
   one is a full ECDHE-ECDSA handshake), to the floating IP; connections/s over the run.
 * ``h2_requests_per_second``: h2load, 10 HTTP/2 connections, 10 streams each, over TLS.
-* ``h1_plain_requests_per_second``: the same h2load, plain HTTP/1.1 on port 80 of the
-  same cluster in the same run (port 80 answers a redirect there, so the figure is the
-  LB's own cost; ``h1_plain_backend_requests_per_second`` fetches the site over plain
-  HTTP from a cluster without domains for the full path).
+* ``h1_tls_requests_per_second``: HTTP/1.1 keep-alive over TLS, 10 connections.
+* ``h1_plain_requests_per_second``: the same, plain HTTP on port 80 of the same cluster
+  (which answers every request with the redirect: the LB's own cost), and
+  ``h1_plain_backend_requests_per_second``: plain HTTP to the site through a cluster
+  without domains, started after the first in the same run (the full path, like TLS).
 * ``https_failover_haproxy_crash`` / ``https_failover_host_loss``: a stream of new HTTPS
   connections (one every 10 ms) through the floating IP; last success before the fault
   to first success through lb2, and the plain HTTP stream beside it in the same event.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import time
 from typing import Any
 
@@ -36,7 +36,9 @@ from lab.traffic import TrafficStream, outage
 DOMAINS = ("site.lab.example", "www.site.lab.example")
 TOOLS = ("ip", "haproxy", "keepalived", "apache2", "curl", "h2load", "pebble", "dehydrated")
 _FINISHED = re.compile(r"finished in ([0-9.]+)(ms|s), ([0-9.]+) req/s")
-_STATUS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed")
+_STATUS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed"
+)
 
 
 def h2load(c: LabCluster, url: str, *args: str) -> dict[str, float]:
@@ -112,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             n = args.handshakes
             hs = h2load(c, https, "-n", str(n), "-c", str(n), "-t", "1", "-m", "1")
             add("tls_full_handshakes_per_second", n / hs["seconds"])
-            add("tls_handshake_run_failed", hs["failed"])
+            add("tls_handshake_failed", hs["failed"])
             h2 = h2load(c, https, "-n", str(args.requests), "-c", "10", "-m", "10")
             add("h2_requests_per_second", h2["rps"])
             add("h2_failed", h2["failed"])
+            h1s = h2load(c, https, "--h1", "-n", str(args.requests), "-c", "10")
+            add("h1_tls_requests_per_second", h1s["rps"])
             h1 = h2load(c, plain, "--h1", "-n", str(args.requests), "-c", "10")
             add("h1_plain_requests_per_second", h1["rps"])
         for fault in ("haproxy", "host"):
