@@ -108,8 +108,13 @@ def make_api_certificate(workdir: Path) -> tuple[Path, Path, Path]:
     return ca_crt, crt, key
 
 
-def launch_acme(lab: LabNetwork, ready_timeout: float = 15.0) -> PebbleCA:
-    """Start challtestsrv + Pebble on a new ``acme`` host; wait until Pebble answers."""
+def launch_acme(
+    lab: LabNetwork, ready_timeout: float = 15.0, validity_seconds: int | None = None
+) -> PebbleCA:
+    """Start challtestsrv + Pebble on a new ``acme`` host; wait until Pebble answers.
+
+    ``validity_seconds``: lifetime of the certificates Pebble issues (default: 5 years);
+    below the renewal window it makes every certificate due, as an old one would be."""
     workdir = lab.workdir / "acme"
     workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
     host = lab.hosts.get("acme") or lab.add_public_host("acme", ACME_IP)
@@ -134,6 +139,7 @@ def launch_acme(lab: LabNetwork, ready_timeout: float = 15.0) -> PebbleCA:
                     "tlsPort": 443,
                     "ocspResponderURL": "",
                     "externalAccountBindingRequired": False,
+                    **({"certificateValidityPeriod": validity_seconds} if validity_seconds else {}),
                 }
             }
         )
