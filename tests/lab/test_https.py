@@ -214,3 +214,15 @@ def test_http_site_still_answers_on_the_floating_ip_address(cluster: LabCluster)
     """The floating IP without a name (no SNI) still gets an answer on port 80: a redirect."""
     rec = cluster.get(f"http://{FLOATING_IP}/")
     assert rec["status"] == 301, rec
+
+
+def test_backends_log_the_real_client_address_over_https(cluster: LabCluster) -> None:
+    marker = f"from-https-test-{int(time.time())}"
+    for _ in range(2):
+        rec = cluster.lab.client.call(fetch, f"{cluster.https_url}?{marker}",
+                                      **cluster.tls_stream_args())  # fmt: skip
+        assert rec["ok"], rec
+    lines = [ln for w in cluster.lab.webs for ln in cluster.access_log(w.name).splitlines()
+             if marker in ln]  # fmt: skip
+    assert len(lines) == 2, lines
+    assert all(ln.startswith(CLIENT_IP + " ") for ln in lines), lines
