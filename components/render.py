@@ -19,7 +19,9 @@ from typing import Any, Literal
 import jinja2
 
 from components.acme_account import AccountKey, account_key_from_b64
-from components.config import Settings
+from components.config import Settings, validate_secret
+from components.rolling import web_waves
+from components.site import DOCROOT, PLACEHOLDER, RELEASE_URL
 
 Role = Literal["lb", "web"]
 
@@ -31,8 +33,19 @@ BACKUP_PRIORITY = 100
 # project's 3600 requests/hour.
 OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
+HAPROXY_WATCH = "/usr/local/sbin/hcloud-haproxy-watch"
+#: What the watcher writes (0 HAProxy answers, 1 it is dead) and keepalived tracks.
+HAPROXY_DOWN_FILE = "/run/hcloud-ha-web/haproxy-down"
+#: The longest wait for a supervisor's restart of a dead HAProxy before failing over;
+#: Debian's unit (Restart=always, RestartSec 100 ms) has it back in ~0.25 s.
+HAPROXY_RESTART_WAIT = 1.0
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
-DOCROOT = "/var/www/hcloud-ha-web"
+#: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
+FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
+EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
+#: Apache modules the site's virtual host uses (rewrite: for apacheConfig's rules).
+APACHE_MODULES = ("remoteip", "usertrack", "rewrite")
+_MODS = " ".join(APACHE_MODULES)
 # --- HTTPS (issue 11): certificate paths and the ACME client (dehydrated) ---------------
 TLS_CERT = "/etc/haproxy/certs/site.pem"
 """Certificate + key HAProxy serves (0600); a placeholder until the first issuance."""
@@ -40,15 +53,35 @@ ACME_CONF_DIR = "/etc/hcloud-ha-web/acme"
 ACME_STATE_DIR = "/var/lib/hcloud-ha-web/acme"
 CERT_STATE_FILE = "/var/lib/hcloud-ha-web/cert-state.json"
 CERT_SCRIPT = "/usr/local/sbin/hcloud-ha-web-cert"
-EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
 ACME_RENEW_DAYS = 30
 STATS_LOCAL_PORT = 8404
 PLACEHOLDER_SUBJECT = "/O=hcloud-ha-web/CN=placeholder until the ACME certificate is issued"
 
+#: Every host: automatic security updates, sshd (its checker), time synchronisation.
+HOST_PACKAGES = ("unattended-upgrades", "openssh-server", "systemd-timesyncd")
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
-    "lb": ("haproxy", "keepalived", "curl", "python3", "iproute2", "openssl", "dehydrated"),
-    "web": ("apache2", "curl", "iproute2"),
+    "lb": (
+        "haproxy",
+        "keepalived",
+        "curl",
+        "python3",
+        "iproute2",
+        "openssl",
+        "dehydrated",
+        *HOST_PACKAGES,
+    ),
+    "web": ("apache2", "curl", "iproute2", *HOST_PACKAGES),
 }
+#: Unattended reboots (autoReboot) start here and go 30 minutes apart per host group.
+REBOOT_WINDOW_START = (2, 0)
+
+
+def haproxy_quote(value: str) -> str:
+    """One HAProxy config word holding `value` as it is: single quotes take everything
+    literally (blanks, '#', '$', '\\'); a quote itself is closed, escaped and reopened, as
+    in sh. Values with control characters are refused before rendering (config.py)."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
@@ -58,6 +91,7 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     autoescape=False,
 )
+_ENV.filters["haproxy_quote"] = haproxy_quote
 
 
 @dataclass(frozen=True)
@@ -88,12 +122,28 @@ _APACHE_VALIDATE = r"""
 base={root}/etc/apache2; [ -d "$base" ] || base=/etc/apache2
 cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
 cp -a "$base/." "$cfg/" && cp -a "$STAGE{root}/etc/apache2/." "$cfg/"
-for m in remoteip usertrack; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
+for m in {mods}; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
 ln -sf ../sites-available/hcloud-ha-web.conf "$cfg/sites-enabled/hcloud-ha-web.conf"
 rm -f "$cfg/sites-enabled/000-default.conf"
 # envvars reads variables it may not find set: source it without the step's `set -u`
 (set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
   && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
+""".replace("{mods}", _MODS)
+
+# sshd -t on the host's sshd_config with the staged drop-ins in place of the live ones,
+# then sshd -T: the values that win (sshd keeps the first it reads) must be ours.
+_SSHD_VALIDATE = r"""
+base={root}/etc/ssh; [ -f "$base/sshd_config" ] || base=/etc/ssh
+cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
+mkdir -p "$cfg/sshd_config.d" /run/sshd
+if [ -d "$base/sshd_config.d" ]; then cp -a "$base/sshd_config.d/." "$cfg/sshd_config.d/"; fi
+cp -a "$STAGE{root}/etc/ssh/sshd_config.d/." "$cfg/sshd_config.d/"
+sed "s#/etc/ssh/sshd_config.d/#$cfg/sshd_config.d/#" "$base/sshd_config" > "$cfg/sshd_config"
+/usr/sbin/sshd -t -f "$cfg/sshd_config"
+eff=$(/usr/sbin/sshd -T -f "$cfg/sshd_config" -C user=root,host=check,addr=192.0.2.1)
+for want in "passwordauthentication no" "kbdinteractiveauthentication no"; do
+  printf '%s\n' "$eff" | grep -qx "$want" || { echo "sshd would not apply: $want" >&2; exit 1; }
+done
 """
 
 # HAProxy refuses a config whose `crt` file is missing: before the first issuance a
@@ -108,6 +158,68 @@ if grep -q ' ssl crt ' "$STAGE{{root}}/etc/haproxy/haproxy.cfg" && [ ! -s "$cert
 fi
 """
 
+# apt-config parses each staged file (a syntax error fails), then reads the host's apt
+# config plus ours, as unattended-upgrade will: only the security origin may be left.
+_UPDATES_VALIDATE = r"""
+dir=$STAGE{root}/etc/apt/apt.conf.d
+for f in "$dir"/*; do apt-config -c "$f" dump >/dev/null; done
+eff=$(apt-config -c "$dir/52hcloud-ha-web-unattended-upgrades" dump Unattended-Upgrade)
+origins=$(printf '%s\n' "$eff" | grep '^Unattended-Upgrade::Origins-Pattern:: ')
+[ "$(printf '%s\n' "$origins" | wc -l)" = 1 ] && printf '%s\n' "$origins" | grep -q 'security' \
+  || { printf 'unattended-upgrades would not be security-only:\n%s\n' "$eff" >&2; exit 1; }
+"""
+
+# timesyncd has no checker: accept only the [Time] keys this file sets.
+_TIMESYNC_VALIDATE = r"""
+f=$STAGE{root}/etc/systemd/timesyncd.conf.d/50-hcloud-ha-web.conf
+grep -qx '\[Time\]' "$f" && grep -q '^NTP=[a-z0-9. -]*$' "$f" \
+  && ! grep -vE '^(#.*|\[Time\]|NTP=[a-z0-9. -]*|FallbackNTP=[a-z0-9. -]*|)$' "$f"
+"""
+
+
+def _host_daemons(role: Role) -> tuple[DaemonSpec, ...]:
+    """What every server gets, whatever its role: sshd, security updates, the clock."""
+    return (
+        DaemonSpec(
+            name="sshd",
+            role=role,
+            files=(FileSpec("host/sshd.conf.j2", "/etc/ssh/sshd_config.d/10-hcloud-ha-web.conf"),),
+            validate=_SSHD_VALIDATE,
+            activate="systemctl reload-or-restart ssh",
+        ),
+        DaemonSpec(
+            name="updates",
+            role=role,
+            files=(
+                FileSpec("host/20auto-upgrades.j2", "/etc/apt/apt.conf.d/20auto-upgrades"),
+                FileSpec(
+                    "host/unattended-upgrades.j2",
+                    "/etc/apt/apt.conf.d/52hcloud-ha-web-unattended-upgrades",
+                ),
+            ),
+            validate=_UPDATES_VALIDATE,
+            activate=(
+                "systemctl enable -q apt-daily.timer apt-daily-upgrade.timer"
+                " && systemctl start apt-daily.timer apt-daily-upgrade.timer"
+            ),
+        ),
+        DaemonSpec(
+            name="timesync",
+            role=role,
+            files=(
+                FileSpec(
+                    "host/timesyncd.conf.j2",
+                    "/etc/systemd/timesyncd.conf.d/50-hcloud-ha-web.conf",
+                ),
+            ),
+            validate=_TIMESYNC_VALIDATE,
+            # In a container systemd skips timesyncd (the host keeps the clock): a
+            # restart then succeeds without starting it.
+            activate="systemctl enable -q systemd-timesyncd && systemctl restart systemd-timesyncd",
+        ),
+    )
+
+
 DAEMONS: tuple[DaemonSpec, ...] = (
     DaemonSpec(
         name="apache",
@@ -118,14 +230,20 @@ DAEMONS: tuple[DaemonSpec, ...] = (
                 "apache2/hcloud-ha-web.conf.j2",
                 "/etc/apache2/sites-available/hcloud-ha-web.conf",
             ),
-            FileSpec("www/index.html.j2", f"{DOCROOT}/index.html"),
-            FileSpec("www/check.txt.j2", f"{DOCROOT}{{health_check_path}}"),
+            FileSpec("apache2/site.conf.j2", "/etc/apache2/hcloud-ha-web/site.conf"),
+            # The placeholder release and the health-check file: the site steps switch
+            # between releases and never touch health/.
+            FileSpec("www/index.html.j2", f"{DOCROOT}/{PLACEHOLDER}/site/index.html"),
+            FileSpec("www/check.txt.j2", f"{DOCROOT}/health{{health_check_path}}"),
         ),
         validate=_APACHE_VALIDATE,
         activate=(
-            "a2enmod -q remoteip usertrack && a2ensite -q hcloud-ha-web"
+            f"a2enmod -q {_MODS} && a2ensite -q hcloud-ha-web"
             " && { a2dissite -q 000-default 2>/dev/null || true; }"
             " && systemctl enable -q apache2"
+            # The document root is current/site; the site step owns the symlink later.
+            f" && {{ [ -e {{root}}{DOCROOT}/current ]"
+            f" || ln -sfn {PLACEHOLDER} {{root}}{DOCROOT}/current; }}"
             # A graceful restart keeps the old listening sockets: it cannot move a Listen to
             # another address (the first run replaces Debian's `Listen 80`). Restart then.
             ' && case " $CHANGED " in *" {root}/etc/apache2/ports.conf "*)'
@@ -206,6 +324,27 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         activate="true",
     ),
     DaemonSpec(
+        name="watcher",
+        role="lb",
+        files=(
+            FileSpec("keepalived/haproxy-watch.j2", HAPROXY_WATCH, "0755"),
+            FileSpec(
+                "keepalived/hcloud-haproxy-watch.service.j2",
+                "/etc/systemd/system/hcloud-haproxy-watch.service",
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{HAPROXY_WATCH} && rm -rf $STAGE{{root}}"
+            f"{Path(HAPROXY_WATCH).parent}/__pycache__"
+            " && grep -q '^ExecStart=/usr/bin/python3 '"
+            " $STAGE{root}/etc/systemd/system/hcloud-haproxy-watch.service"
+        ),
+        activate=(
+            "systemctl daemon-reload && systemctl enable -q hcloud-haproxy-watch"
+            " && systemctl restart hcloud-haproxy-watch"
+        ),
+    ),
+    DaemonSpec(
         name="keepalived",
         role="lb",
         files=(
@@ -216,6 +355,8 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         validate="keepalived -t -f $STAGE{root}/etc/keepalived/keepalived.conf",
         activate="systemctl enable -q keepalived && systemctl reload-or-restart keepalived",
     ),
+    *_host_daemons("web"),
+    *_host_daemons("lb"),
 )
 
 
@@ -242,11 +383,29 @@ class ClusterFacts:
 
 @dataclass(frozen=True)
 class RenderSecrets:
+    """Secret values as they reach the files: configured or generated, checked alike."""
+
     stats_password: str = field(repr=False)
     vrrp_password: str = field(repr=False)
     failover_token: str = field(repr=False)
     acme_account_seed: str = field(default="", repr=False)
     """Base64 seed of the shared ACME account key (components/acme_account.py)."""
+
+    def __post_init__(self) -> None:
+        # Generated values pass here too (pulumi_random in components/cluster.py).
+        validate_secret("statsPassword", self.stats_password)
+        validate_secret("vrrpPassword", self.vrrp_password)
+        validate_secret("failoverToken", self.failover_token)
+
+    def masks(self) -> tuple[str, ...]:
+        """Every form a secret takes in a rendered file, longest first: what a step
+        replaces before it prints a checker's output."""
+        forms = {
+            form
+            for value in (self.stats_password, self.vrrp_password, self.failover_token)
+            for form in (value, haproxy_quote(value))
+        }
+        return tuple(sorted(forms, key=lambda f: (-len(f), f)))
 
 
 @dataclass(frozen=True)
@@ -257,6 +416,8 @@ class Layout:
     """Prefix of every path the files name (the lab gives each host its own tree)."""
     haproxy_log_target: str = "/dev/log"
     """HAProxy `log` target: the journal via /dev/log, or `stdout` in the lab."""
+    haproxy_unit: str = "haproxy.service"
+    """The unit whose restarts the HAProxy watcher waits for; empty: no supervisor."""
     failover_log_file: str = ""
     """Empty: the failover script logs to the journal; else it appends to this file."""
     acme_ca_bundle: str = ""
@@ -339,9 +500,20 @@ def host_variables(
         "failover_script": root + FAILOVER_SCRIPT,
         "token_file": root + TOKEN_FILE,
         "pid_file": root + "/run/hcloud-floating-ip.pid",
+        "state_file": root + FAILOVER_STATE_FILE,
+        "event_hook": root + EVENT_HOOK,
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
+        "haproxy_unit": layout.haproxy_unit,
+        "haproxy_down_file": root + HAPROXY_DOWN_FILE,
+        "haproxy_restart_wait": HAPROXY_RESTART_WAIT,
         "docroot": root + DOCROOT,
+        "release_url": RELEASE_URL,
+        "apache_config": settings.apache_config_text,
+        "auto_reboot": settings.auto_reboot,
+        "reboot_time": reboot_time(settings, host.name),
+        "maxconn": haproxy_maxconn(settings.server_memory_mib),
+        "server_maxconn": SERVER_MAXCONN,
         **_https_variables(settings, secrets, layout, root),
     }
 
@@ -378,6 +550,34 @@ def _account_key(seed_b64: str) -> AccountKey:
     if not seed_b64:
         raise ValueError("domains are set but no ACME account key seed was given")
     return account_key_from_b64(seed_b64)
+
+
+#: Per web server: Apache's MaxRequestWorkers on Debian (mpm_event, 150). HAProxy queues
+#: what is beyond it (timeout queue) instead of piling it onto one Apache.
+SERVER_MAXCONN = 150
+#: Memory HAProxy may plan for per connection: two 16 KiB buffers per side plus the
+#: kernel's socket buffers, rounded up; a quarter of the LB's memory goes to connections.
+CONNECTION_BUDGET_BYTES = 64 * 1024
+
+
+#: Two file descriptors per connection must stay under systemd's default hard
+#: RLIMIT_NOFILE (524288), which haproxy.service does not raise.
+MAX_MAXCONN = 200_000
+
+
+def haproxy_maxconn(memory_mib: int) -> int:
+    """Connections one LB accepts at once, sized to its memory (4 GiB: 16384)."""
+    by_memory = memory_mib * 1024 * 1024 // 4 // CONNECTION_BUDGET_BYTES
+    return max(1024, min(MAX_MAXCONN, by_memory))
+
+
+def reboot_time(settings: Settings, host_name: str) -> str:
+    """When unattended-upgrades may reboot `host_name`: lb1, lb2, then each web wave,
+    30 minutes apart, so the two LBs (or a whole wave plus another) never reboot together."""
+    slots = [*((lb,) for lb in settings.lb_names), *web_waves(settings.web_names)]
+    index = next(i for i, group in enumerate(slots) if host_name in group)
+    minutes = REBOOT_WINDOW_START[0] * 60 + REBOOT_WINDOW_START[1] + 30 * index
+    return f"{minutes // 60 % 24:02d}:{minutes % 60:02d}"
 
 
 def _seconds(value: float) -> str:

@@ -9,6 +9,7 @@ and how to break things, then reads commands from stdin.  Everything is torn dow
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         LabCluster(lab, **overrides) as c,
     ):
         client = f"ip netns exec {lab.client.ns}"
+        login = shlex.quote(f"{c.stats_user}:{c.stats_password}")
         print(lab.describe())
         if c.acme is not None:
-            root, auth = c.issuing_root, f"{c.stats_user}:{c.stats_password}"
+            root = c.issuing_root
             resolve = " ".join(f"--resolve {d}:443:{topo.FLOATING_IP}" for d in c.domains)
             s_client = (
                 f"openssl s_client -connect {topo.FLOATING_IP}:443"
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"HTTPS:  {c.https_url}   certificate from the lab's ACME CA (Pebble)",
                     f"        {client} curl --cacert {root} {resolve} {c.https_url}",
                     f"        (any TLS tool: {client} {s_client})",
-                    f"stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password}",
-                    f"        ({client} curl --cacert {root} {resolve} -u {auth} "
+                    f"stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password!r}",
+                    f"        ({client} curl --cacert {root} {resolve} -u {login} "
                     f"'{c.stats_url};csv')   (adminCidrs: the client only)",
                 ]
             )
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             https_lines = (
                 f"\nstats:  {c.stats_url} on each LB only (no domains: not on the public "
                 f"address)\n        (ip netns exec {lab.prefix}-lb1 curl -s -u "
-                f"{c.stats_user}:{c.stats_password} '{c.stats_url};csv')"
+                f"{login} '{c.stats_url};csv')"
             )
         print(
             f"""

@@ -39,6 +39,9 @@ from typing import Any, TypeVar
 
 from components.config import Settings
 from components.render import (
+    APACHE_MODULES,
+    HAPROXY_DOWN_FILE,
+    HAPROXY_WATCH,
     CERT_SCRIPT,
     CERT_STATE_FILE,
     STATS_LOCAL_PORT,
@@ -52,6 +55,7 @@ from components.render import (
     render_host,
     validate_command,
 )
+from components.site import DOCROOT, PLACEHOLDER
 from lab import topology as topo
 from lab.acme import PebbleCA, launch_acme
 from lab.fake_hcloud import FakeApi, launch
@@ -96,8 +100,16 @@ def _lab_ssh_key() -> str:
 
 
 def lab_settings(web_count: int, api_url: str, **overrides: Any) -> Settings:
-    """Settings matching the lab topology (addresses, API endpoint); overrides win."""
+    """Settings matching the lab topology (addresses, API endpoint); overrides win.
+
+    The lab-only path: `lab=True` lets Settings take the fake API's plain-HTTP URL and
+    the 198.18.0.0/15 addresses, which stack config (`load_settings`) never accepts.
+    """
     values: dict[str, Any] = {
+        "lab": True,
+        # The smallest type (2 GiB): HAProxy's maxconn 8192 needs ~16400 descriptors,
+        # within this machine's hard limit (20000); a real cx23 would ask for 32800.
+        "server_type": "cpx11",
         "ssh_public_key": _lab_ssh_key(),
         "admin_cidrs": ("198.18.0.0/15",),
         "network_cidr": "198.18.0.0/16",
@@ -326,7 +338,8 @@ class LabCluster(ClusterView):
         self.base = RUN_BASE / f"{lab.prefix}-lab"
         self.api: FakeApi | None = None
         self.settings: Settings | None = None
-        self.stats_password = "lab-stats-" + secrets.token_hex(6)
+        # Blanks, '#', a quote and ':' on purpose: haproxy.cfg must carry them whole.
+        self.stats_password = f"lab stats #{secrets.token_hex(4)} it's:ok"
         self.secrets: RenderSecrets | None = None
         self.acme: PebbleCA | None = None
         self.hosts: dict[str, HostRuntime] = {}
@@ -362,6 +375,7 @@ class LabCluster(ClusterView):
             layout = Layout(
                 root=str(root),
                 haproxy_log_target="stdout",
+                haproxy_unit="",  # no supervisor restarts the lab's HAProxy
                 failover_log_file=str(root / "var/log/hcloud-floating-ip.log"),
                 acme_ca_bundle=str(self.acme.api_ca) if self.acme else "",
                 haproxy_reload_command="",  # the lab hot-loads through the runtime API only
@@ -468,7 +482,11 @@ class LabCluster(ClusterView):
             conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             shutil.copytree("/etc/apache2", conf, symlinks=True)
         self._write(self.rendered(name))
-        for mod in ("remoteip", "usertrack"):
+        # The placeholder page is the live release, as the site step makes it on a host.
+        current = Path(f"{rt.layout.root.rstrip('/')}{DOCROOT}/current")
+        if not current.is_symlink():
+            current.symlink_to(PLACEHOLDER)
+        for mod in APACHE_MODULES:
             link = conf / "mods-enabled" / f"{mod}.load"
             if not link.is_symlink():
                 link.symlink_to(f"../mods-available/{mod}.load")
@@ -486,7 +504,7 @@ class LabCluster(ClusterView):
         script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
         rt.host.run(["sh", "-ec", script], timeout=15)
         self._write(self.rendered(name))
-        for d in ("run/haproxy", "var/log", "var/lib/hcloud-ha-web"):
+        for d in ("run/haproxy", "var/log", "var/lib/haproxy", "var/lib/hcloud-ha-web"):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
         self._validate(name, "lb")
@@ -634,9 +652,21 @@ class LabCluster(ClusterView):
     def kill_keepalived(self, name: str, sig: int = signal.SIGKILL) -> None:
         self._stop(self.hosts[name], "keepalived", sig)
 
+    def start_haproxy_watch(self, name: str) -> None:
+        """The watcher that tells keepalived (track_file) when HAProxy dies."""
+        script = str(self.hosts[name].root) + HAPROXY_WATCH
+        self._popen(name, "haproxy-watch", ["python3", script])
+
+    def haproxy_down_flag(self, name: str) -> str:
+        """What the watcher last wrote for keepalived: "0" (HAProxy answers) or "1"."""
+        path = Path(str(self.hosts[name].root) + HAPROXY_DOWN_FILE)
+        return path.read_text().strip() if path.exists() else ""
+
     def start_lb(self, name: str, timeout: float = 10.0) -> None:
         self.start_haproxy(name)
         wait_for(lambda: self.haproxy_healthy(name), timeout, f"haproxy on {name}")
+        self.start_haproxy_watch(name)
+        wait_for(lambda: self.haproxy_down_flag(name) == "0", timeout, f"watcher on {name}")
         self.start_keepalived(name)
 
     def vanish(self, name: str) -> None:

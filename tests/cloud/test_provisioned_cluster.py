@@ -45,7 +45,9 @@ pytestmark = pytest.mark.cloud
 IMAGES = ("debian-13", "debian-12")
 HAPROXY_TEMPLATE = "haproxy/haproxy.cfg.j2"
 HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
-UNITS_BY_ROLE = {"lb": ("haproxy", "keepalived"), "web": ("apache2",)}
+UNITS_BY_ROLE = {"lb": ("haproxy", "hcloud-haproxy-watch", "keepalived"), "web": ("apache2",)}
+#: without siteDir a web server's site step switches to the placeholder release
+SITE_STEPS = {"lb": (), "web": ("site",)}
 #: systemd's own journal lines when it (re)starts or reloads a unit
 LIFECYCLE_WORDS = ("Reloading", "Starting", "Stopping", "Started", "Reloaded")
 
@@ -168,7 +170,7 @@ def test_program_steps_provision_every_host(
     expected = {
         f"{c.settings.cluster_name}-{h}-{d}"
         for h, r in hosts.items()
-        for d in ("base", *(x.name for x in render.daemons_for(r)))
+        for d in ("base", *(x.name for x in render.daemons_for(r)), *SITE_STEPS[r])
     }
     assert set(result.runs) == expected
     assert result.named("ran") == list(result.runs), result.runs
@@ -193,6 +195,44 @@ def test_program_steps_provision_every_host(
         assert c.ssh(lb, "systemctl is-active hcloud-floating-ip").strip() == "active"
         shown = c.lab[lb].ip("-4", "-o", "addr", "show", "dev", PUBLIC_IFACE)
         assert f" {FLOATING_IP}/32 " in shown, f"{lb}: the floating IP is not on {PUBLIC_IFACE}"
+
+
+def test_hosts_are_hardened_by_their_steps(cluster: CloudCluster) -> None:
+    """sshd keys only (sshd -t passes), security-only unattended upgrades with their
+    timers, timesyncd enabled with our servers, HAProxy chrooted and still logging."""
+    for name in cluster.names:
+        effective = cluster.ssh(name, "sshd -t && sshd -T -C user=root,host=x,addr=192.0.2.1")
+        for want in ("passwordauthentication no", "kbdinteractiveauthentication no"):
+            assert want in effective.splitlines(), (name, want)
+        apt = cluster.ssh(name, "apt-config dump Unattended-Upgrade")
+        origins = [ln for ln in apt.splitlines() if ln.startswith("Unattended-Upgrade::Origins")]
+        assert len(origins) == 2 and "security" in origins[1], (name, origins)  # "" + one
+        assert 'Unattended-Upgrade::Automatic-Reboot "false";' in apt
+        periodic = cluster.ssh(name, "apt-config dump APT::Periodic")
+        assert 'APT::Periodic::Unattended-Upgrade "1";' in periodic
+        timers = cluster.ssh(name, "systemctl is-enabled apt-daily-upgrade.timer")
+        assert timers.split() == ["enabled"], (name, timers)
+        sync = cluster.ssh(
+            name,
+            "systemctl is-enabled systemd-timesyncd;"
+            " systemd-analyze cat-config systemd/timesyncd.conf | grep '^NTP='",
+        )
+        assert sync.split("\n")[0] == "enabled" and "ntp1.hetzner.de" in sync, (name, sync)
+    for lb in LB_NAMES:
+        root = cluster.ssh(
+            lb,
+            "for p in $(pgrep -x haproxy); do readlink /proc/$p/root; done | sort | uniq -c",
+        )
+        assert "/var/lib/haproxy" in root, (lb, root)  # the worker
+    # the master serves: its access log still reaches the journal from inside the chroot
+    since = int(time.time()) - 1
+    assert cluster.get()["ok"]
+    journal = "journalctl -q -t haproxy --since @" + str(since)
+    wait_for(
+        lambda: "GET / HTTP/1.1" in cluster.ssh("lb1", journal),
+        10,
+        "lb1: HAProxy's access log line in the journal",
+    )
 
 
 # -- the lab scenarios, with systemd running the daemons ---------------------------------
@@ -233,7 +273,9 @@ def test_lb_failover_through_the_api(cluster: CloudCluster, bench: Bench) -> Non
 
 def test_haproxy_crash_is_repaired_by_systemd(cluster: CloudCluster, bench: Bench) -> None:
     """SIGKILL to lb1's HAProxy: systemd restarts it (Debian's unit says Restart=always),
-    clients are served again within seconds, and the cluster settles with lb1 master."""
+    clients are served again within seconds, and the cluster settles with lb1 master.
+    The HAProxy watcher saw the death and waited for the restart systemd had pending:
+    no failover, the floating IP never moved."""
     pid = cluster.main_pids("lb1")["haproxy"]
     stream = TrafficStream(cluster.lab.client, cluster.url, duration=60)
     try:
@@ -255,6 +297,10 @@ def test_haproxy_crash_is_repaired_by_systemd(cluster: CloudCluster, bench: Benc
     assert gap.recovered and gap.gap < 5.0, gap
     assert records[-1]["ok"]
     moved = [p for p in assign_calls(cluster.api_calls(t0)) if p["status"] == 201]
+    watch = cluster.ssh("lb1", "journalctl -q --no-pager -o cat -u hcloud-haproxy-watch")
+    assert "answered again after" in watch, watch  # the watcher saw HAProxy die
+    assert moved == [], moved  # ... and it was no reason to fail over
+    assert cluster.masters() == ["lb1"]
     bench.record(
         "haproxy_crash_outage",
         gap.gap,
@@ -366,7 +412,14 @@ def test_reboot_comes_back_with_floating_ip_and_services(
         t0 = time.time()
         cluster.power_off("lb1")
         cluster.wait_owner("lb2", timeout=15)
-        stream.wait_recovered(t0, timeout=15)
+        moved = time.time()
+        # Answered through lb2. (Not stream.wait_recovered: when the IP moves within a
+        # second, a client's SYN retransmission reaches lb2 and no request fails at all.)
+        wait_for(
+            lambda: any(r["ok"] and r["ts"] > moved + 0.2 for r in stream.records()),
+            15,
+            "clients answered through lb2",
+        )
         # the power cycle took the address with it
         assert f" {FLOATING_IP}/32 " not in cluster.lab["lb1"].ip("-4", "-o", "addr", "show")
         t1 = time.monotonic()
@@ -388,7 +441,7 @@ def test_reboot_comes_back_with_floating_ip_and_services(
     shown = cluster.lab["lb1"].ip("-4", "-o", "addr", "show", "dev", PUBLIC_IFACE)
     assert f" {FLOATING_IP}/32 " in shown, "hcloud-floating-ip.service did not restore the IP"
     assert cluster.ssh("lb1", "sysctl -n net.ipv4.ip_nonlocal_bind").strip() == "1"
-    for unit in ("hcloud-floating-ip", "haproxy", "keepalived"):
+    for unit in ("hcloud-floating-ip", "haproxy", "hcloud-haproxy-watch", "keepalived"):
         assert cluster.ssh("lb1", f"systemctl is-active {unit}").strip() == "active", unit
     gap = outage(records, t0)
     assert gap.recovered and gap.gap < 5.0, gap
