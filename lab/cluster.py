@@ -40,10 +40,10 @@ from typing import Any, TypeVar
 from components.config import Settings
 from components.render import (
     APACHE_MODULES,
-    HAPROXY_DOWN_FILE,
-    HAPROXY_WATCH,
     CERT_SCRIPT,
     CERT_STATE_FILE,
+    HAPROXY_DOWN_FILE,
+    HAPROXY_WATCH,
     STATS_LOCAL_PORT,
     TLS_CERT,
     ClusterFacts,
