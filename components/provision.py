@@ -210,6 +210,7 @@ def provision_cluster(
     stats_password: pulumi.Output[str],
     vrrp_password: pulumi.Output[str],
     depends_on: Sequence[pulumi.Resource],
+    acme_account_seed: pulumi.Output[str] | None = None,
 ) -> Mapping[str, Sequence[pulumi.Resource]]:
     """Create the remote steps of every server; returns them per server, in order.
 
@@ -229,12 +230,18 @@ def provision_cluster(
         stats_password,
         vrrp_password,
         stack.secrets.failover_token,
+        acme_account_seed if acme_account_seed is not None else "",
     ).apply(
         lambda v: {
             h: plan_host(
                 settings,
                 ClusterFacts(floating_ip=v[0], floating_ip_id=int(v[1]), server_ids=v[2]),
-                RenderSecrets(stats_password=v[3], vrrp_password=v[4], failover_token=v[5]),
+                RenderSecrets(
+                    stats_password=v[3],
+                    vrrp_password=v[4],
+                    failover_token=v[5],
+                    acme_account_seed=v[6],
+                ),
                 h,
             )
             for h in hosts
