@@ -32,6 +32,7 @@ from components.config import StackConfig
 from components.day2 import SshRunner, drain_hook
 from components.identity import ClusterIdentity
 from components.provision import HostSteps, provision_cluster
+from components.render import STATS_LOCAL_PORT
 
 TYPE_TOKEN = "hcloud-ha-web:index:HaWebCluster"
 
@@ -41,6 +42,8 @@ PLACEMENT_GROUP_MAX = 10
 #: VRRPv2 PASS authentication uses at most 8 characters of the password.
 VRRP_PASSWORD_LENGTH = 8
 STATS_PASSWORD_LENGTH = 32
+ACME_SEED_BYTES = 32
+DNS_TTL = 300
 
 
 def _as_int(value: str) -> int:
@@ -155,6 +158,20 @@ class HaWebCluster(pulumi.ComponentResource):
             ).result
         )
         self.stats_user = s.stats_user
+        # The ACME account key both LBs share (see components/acme_account.py): 32 random
+        # bytes kept as a secret in state; the key itself is derived at render time.
+        self.acme_account_seed: pulumi.Output[str] | None = None
+        if s.domains:
+            self.acme_account_seed = pulumi.Output.secret(
+                random.RandomBytes(
+                    f"{name}-acme-account-seed", length=ACME_SEED_BYTES, opts=child()
+                ).base64
+            )
+        else:
+            pulumi.log.warn(
+                "domains is empty: the site is served over plain HTTP only and the stats "
+                "page only on each LB's localhost. Set domains and acmeEmail for HTTPS."
+            )
 
         # --- what cannot roll: refused before anything changes (components/identity.py)
         self.identity = ClusterIdentity(f"{name}-identity", s, opts=child())
@@ -300,8 +317,41 @@ class HaWebCluster(pulumi.ComponentResource):
                 step_deps.append(self.floating_ip_assignment)
             return server
 
+        # --- DNS: A records + reverse DNS of the floating IP (with dnsZone) ---------------
+        self.floating_ip = self.floating_ip_resource.ip_address
+        self.dns_records: pulumi.Output[dict[str, str]] = self.floating_ip.apply(
+            lambda ip: {d: ip for d in s.domains}
+        )
+        self.zone_rrsets: list[hcloud.ZoneRrset] = []
+        self.rdns: hcloud.Rdns | None = None
+        if s.dns_zone:
+            for domain in s.domains:
+                relative = "@" if domain == s.dns_zone else domain[: -len(s.dns_zone) - 1]
+                self.zone_rrsets.append(
+                    hcloud.ZoneRrset(
+                        f"{name}-dns-{domain}",
+                        zone=s.dns_zone,
+                        name=relative,
+                        type="A",
+                        ttl=DNS_TTL,
+                        records=[hcloud.ZoneRrsetRecordArgs(value=self.floating_ip)],
+                        labels=labels("dns"),
+                        opts=child(),
+                    )
+                )
+            self.rdns = hcloud.Rdns(
+                f"{name}-fip-rdns",
+                floating_ip_id=self.floating_ip_resource.id.apply(_as_int),
+                ip_address=self.floating_ip,
+                dns_ptr=s.domains[0],
+                opts=child(),
+            )
+
         # Remote steps per server. They wait for the subnet (private IP attached); a
         # deployed cluster changes one turn at a time (components/provision.py).
+        # The A records come first: issuance on the first `pulumi up` needs them. (The
+        # list grows: lb1's floating IP assignment joins it once lb1 exists.)
+        step_deps.extend(self.zone_rrsets)
         self.provisioned: Mapping[str, HostSteps] = provision_cluster(
             parent=self,
             name=name,
@@ -310,14 +360,24 @@ class HaWebCluster(pulumi.ComponentResource):
             floating_ip=self.floating_ip_resource,
             stats_password=self.stats_password,
             vrrp_password=self.vrrp_password,
+            acme_account_seed=self.acme_account_seed,
             depends_on=step_deps,
             rolling=deployed(cluster),
         )
 
         # --- outputs -----------------------------------------------------------------
-        self.floating_ip = self.floating_ip_resource.ip_address
-        self.site_url = self.floating_ip.apply(lambda ip: f"http://{ip}/")
-        self.stats_url = self.floating_ip.apply(lambda ip: f"http://{ip}/haproxy?stats")
+        if s.domains:
+            primary = s.domains[0]
+            self.site_url = pulumi.Output.from_input(f"https://{primary}/")
+            self.stats_url = pulumi.Output.from_input(
+                f"https://{primary}/haproxy?stats (from adminCidrs only)"
+            )
+        else:
+            self.site_url = self.floating_ip.apply(lambda ip: f"http://{ip}/")
+            self.stats_url = pulumi.Output.from_input(
+                f"http://127.0.0.1:{STATS_LOCAL_PORT}/haproxy?stats on each LB, through "
+                f"ssh -L {STATS_LOCAL_PORT}:127.0.0.1:{STATS_LOCAL_PORT} root@<LB public IP>"
+            )
         self.public_ipv4: dict[str, pulumi.Output[str]] = {
             n: srv.ipv4_address for n, srv in self.servers.items()
         }
@@ -333,6 +393,7 @@ class HaWebCluster(pulumi.ComponentResource):
                 "floating_ip": self.floating_ip,
                 "site_url": self.site_url,
                 "stats_url": self.stats_url,
+                "dns_records": self.dns_records,
                 "public_ipv4": self.public_ipv4,
                 "private_ip": self.private_ip,
                 "server_id": self.server_id,

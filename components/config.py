@@ -91,6 +91,13 @@ SSH_KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING_DIRECTORY = "https://acme-staging-v02.api.letsencrypt.org/directory"
+# One day: browsers remember HSTS for max-age and then refuse any way around a broken or
+# expired certificate, so a long value turns one bad renewal into an outage nobody can click
+# through. Raise it (hstspreload.org suggests steps up to two years) once renewals are proven.
+DEFAULT_HSTS_MAX_AGE = 86_400
+MAX_HSTS_MAX_AGE = 63_072_000  # two years, the longest value browsers are asked to keep
 # Host offsets inside the subnet for the default private IPs (lb1=.11, web1=.21, ...).
 #: Debian policy 5.6.1: package names are lowercase letters, digits, + - . (2+ chars).
 DEBIAN_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
@@ -176,6 +183,19 @@ class Settings:
     allow_disruptive_changes: bool = False
     """`allowDisruptiveChanges`: let a change of location, networkCidr or clusterName
     through on a deployed stack (it rebuilds the cluster with downtime)."""
+    # --- HTTPS (issue 11) -------------------------------------------------------------
+    domains: tuple[str, ...] = ()
+    """`domains`: DNS names the site answers on, the first is the primary. Empty: plain
+    HTTP only, and the stats page only on each LB's localhost."""
+    acme_email: str = ""
+    """`acmeEmail`: contact address of the ACME account (required with `domains`)."""
+    acme_directory: str = LETSENCRYPT_DIRECTORY
+    """`acmeDirectory`: ACME directory URL (default: Let's Encrypt production)."""
+    dns_zone: str = ""
+    """`dnsZone`: a Hetzner DNS zone holding every domain; the program then creates their
+    A records and the floating IP's reverse DNS. Empty: create the records yourself."""
+    hsts_max_age: int = DEFAULT_HSTS_MAX_AGE
+    """`hstsMaxAge`: Strict-Transport-Security max-age in seconds; 0 turns HSTS off."""
     allow_unlisted_server_type: bool = False
     """`allowUnlistedServerType`: accept a serverType missing from SERVER_TYPES (a type
     Hetzner added later); the HAProxy limits then assume the smallest memory."""
@@ -495,7 +515,74 @@ def validate(s: Settings) -> None:
         ("haproxyCheckRise", s.haproxy_check_rise, 1, 20),
     ):
         _check(low <= value <= high, key, value, f"use {low} to {high}")
+    _check_https(s)
     _check_site(s)
+
+
+_DNS_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DNS_NAME_RE = re.compile(rf"(?:{_DNS_LABEL}\.)+(?!\d+$){_DNS_LABEL}")
+_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}@(?P<domain>[a-z0-9.-]+)")
+_DIRECTORY_RE = re.compile(r"https://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%/-]*)?")
+
+
+def is_dns_name(value: str) -> bool:
+    """A fully qualified host name: lowercase LDH labels, at least two, not all digits at the
+    end (an IP address is not a name), 253 characters at most, no trailing dot."""
+    return len(value) <= 253 and _DNS_NAME_RE.fullmatch(value) is not None
+
+
+def _check_https(s: Settings) -> None:
+    for name in s.domains:
+        _check(
+            not name.startswith("*."),
+            "domains",
+            name,
+            "http-01 cannot issue wildcard certificates; list each name",
+        )
+        _check(
+            is_dns_name(name),
+            "domains",
+            name,
+            "give a lowercase DNS name such as www.example.com (no scheme, port or dot at the end)",
+        )
+    _check(
+        len(set(s.domains)) == len(s.domains),
+        "domains",
+        list(s.domains),
+        "list each name once",
+    )
+    _check(len(s.domains) <= 100, "domains", len(s.domains), "an ACME order holds 100 names")
+    email = _EMAIL_RE.fullmatch(s.acme_email)
+    if s.domains or s.acme_email:
+        _check(
+            email is not None and is_dns_name(email.group("domain")),
+            "acmeEmail",
+            s.acme_email,
+            "give the ACME account's contact address, e.g. admin@example.com"
+            + (" (required with domains)" if s.domains else ""),
+        )
+    _check(
+        _DIRECTORY_RE.fullmatch(s.acme_directory) is not None,
+        "acmeDirectory",
+        s.acme_directory,
+        f"give the https URL of an ACME directory, e.g. {LETSENCRYPT_DIRECTORY}",
+    )
+    if s.dns_zone:
+        _check(is_dns_name(s.dns_zone), "dnsZone", s.dns_zone, "give a zone name like example.com")
+        _check(bool(s.domains), "dnsZone", s.dns_zone, "set domains too (records for what?)")
+        for name in s.domains:
+            _check(
+                name == s.dns_zone or name.endswith("." + s.dns_zone),
+                "domains",
+                name,
+                f"every domain must be inside dnsZone {s.dns_zone}",
+            )
+    _check(
+        isinstance(s.hsts_max_age, int) and 0 <= s.hsts_max_age <= MAX_HSTS_MAX_AGE,
+        "hstsMaxAge",
+        s.hsts_max_age,
+        f"use 0 (off) to {MAX_HSTS_MAX_AGE} seconds",
+    )
 
 
 def _check_site(s: Settings) -> None:
@@ -657,6 +744,7 @@ _INT_FIELDS = {
     "haproxyCheckIntervalMs": "haproxy_check_interval_ms",
     "haproxyCheckFall": "haproxy_check_fall",
     "haproxyCheckRise": "haproxy_check_rise",
+    "hstsMaxAge": "hsts_max_age",
     "siteReleases": "site_releases",
 }
 _FLOAT_FIELDS = {
@@ -681,6 +769,9 @@ _STR_FIELDS = {
     "statsUser": "stats_user",
     "hetznerApiEndpoint": "hetzner_api_endpoint",
     "clusterName": "cluster_name",
+    "acmeEmail": "acme_email",
+    "acmeDirectory": "acme_directory",
+    "dnsZone": "dns_zone",
     "siteDir": "site_dir",
     "apacheConfig": "apache_config",
 }
@@ -689,6 +780,7 @@ _LIST_FIELDS = {
     "lbPrivateIps": "lb_private_ips",
     "webPrivateIps": "web_private_ips",
     "extraSshPublicKeys": "extra_ssh_public_keys",
+    "domains": "domains",
     "webPackages": "web_packages",
 }
 REQUIRED_KEYS = ("sshPublicKey", "adminCidrs")

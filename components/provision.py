@@ -245,7 +245,12 @@ def _planner(settings: Settings, host: str) -> Callable[[list[Any]], tuple[StepP
                     for h in (*settings.lb_names, *settings.web_names)
                 },
             ),
-            RenderSecrets(stats_password=v[3], vrrp_password=v[4], failover_token=v[5]),
+            RenderSecrets(
+                stats_password=v[3],
+                vrrp_password=v[4],
+                failover_token=v[5],
+                acme_account_seed=v[6],
+            ),
             host,
         )
 
@@ -279,6 +284,7 @@ def provision_cluster(
     vrrp_password: pulumi.Output[str],
     depends_on: Sequence[pulumi.Resource],
     rolling: bool,
+    acme_account_seed: pulumi.Output[str] | None = None,
 ) -> dict[str, HostSteps]:
     """Create every server (through `make_server`) and its remote steps.
 
@@ -325,6 +331,7 @@ def provision_cluster(
             stats_password,
             vrrp_password,
             stack.secrets.failover_token,
+            acme_account_seed if acme_account_seed is not None else "",
         ).apply(_planner(settings, host))
         connection = remote.ConnectionArgs(
             host=server.ipv4_address,
@@ -367,7 +374,9 @@ def provision_cluster(
             stdin=keys,
         )  # fmt: skip
         script = base_script(role, settings)
-        base = command("base", script, [hashlib.sha256(script.encode()).hexdigest()], [keys_step])
+        base = command(
+            "base", script, [hashlib.sha256(script.encode()).hexdigest()], [keys_step, *depends_on]
+        )
         steps: list[pulumi.Resource] = [keys_step, base]
         triggers: list[pulumi.Output[str]] = []
         for index, daemon in enumerate(daemons_for(role)):
@@ -394,7 +403,7 @@ def provision_cluster(
             # switches only after the wave before it switched (components/site_steps.py).
             wave = next(i for i, w in enumerate(waves) if host in w)
             previous = [site_switch[h] for h in waves[wave - 1]] if wave else []
-            webs = {host: WebHost(server, first=keys_step, last=steps[-1])}
+            webs = {host: WebHost(server, last=steps[-1])}
             added = site_steps(parent=parent, name=name, stack=stack, webs=webs, previous=previous)
             steps += added.get(host, [])
             site_switch[host] = steps[-1]

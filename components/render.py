@@ -8,6 +8,7 @@ the tests and the lab all render through `render_host()`; the lab only changes t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shlex
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import jinja2
 
+from components.acme_account import AccountKey, account_key_from_b64
 from components.config import Settings, validate_secret
 from components.rolling import web_waves
 from components.site import DOCROOT, PLACEHOLDER, RELEASE_URL
@@ -63,11 +65,30 @@ EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
 #: Apache modules the site's virtual host uses (rewrite: for apacheConfig's rules).
 APACHE_MODULES = ("remoteip", "usertrack", "rewrite")
 _MODS = " ".join(APACHE_MODULES)
+# --- HTTPS (issue 11): certificate paths and the ACME client (dehydrated) ---------------
+TLS_CERT = "/etc/haproxy/certs/site.pem"
+"""Certificate + key HAProxy serves (0600); a placeholder until the first issuance."""
+ACME_CONF_DIR = "/etc/hcloud-ha-web/acme"
+ACME_STATE_DIR = "/var/lib/hcloud-ha-web/acme"
+CERT_STATE_FILE = "/var/lib/hcloud-ha-web/cert-state.json"
+CERT_SCRIPT = "/usr/local/sbin/hcloud-ha-web-cert"
+ACME_RENEW_DAYS = 30
+STATS_LOCAL_PORT = 8404
+PLACEHOLDER_SUBJECT = "/O=hcloud-ha-web/CN=placeholder until the ACME certificate is issued"
 
 #: Every host: automatic security updates, sshd (its checker), time synchronisation.
 HOST_PACKAGES = ("unattended-upgrades", "openssh-server", "systemd-timesyncd")
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
-    "lb": ("haproxy", "keepalived", "curl", "python3", "iproute2", *HOST_PACKAGES),
+    "lb": (
+        "haproxy",
+        "keepalived",
+        "curl",
+        "python3",
+        "iproute2",
+        "openssl",
+        "dehydrated",
+        *HOST_PACKAGES,
+    ),
     "web": ("apache2", "curl", "iproute2", *HOST_PACKAGES),
 }
 #: Unattended reboots (autoReboot) start here and go 30 minutes apart per host group.
@@ -142,6 +163,18 @@ eff=$(/usr/sbin/sshd -T -f "$cfg/sshd_config" -C user=root,host=check,addr=192.0
 for want in "passwordauthentication no" "kbdinteractiveauthentication no"; do
   printf '%s\n' "$eff" | grep -qx "$want" || { echo "sshd would not apply: $want" >&2; exit 1; }
 done
+"""
+
+# HAProxy refuses a config whose `crt` file is missing: before the first issuance a
+# self-signed placeholder (ECDSA P-256, made here on the host, never shipped) lets it start.
+_PLACEHOLDER = rf"""
+cert={{root}}{TLS_CERT}
+if grep -q ' ssl crt ' "$STAGE{{root}}/etc/haproxy/haproxy.cfg" && [ ! -s "$cert" ]; then
+  (umask 077 && mkdir -p "$(dirname "$cert")" && tmp=$(mktemp -d) \
+    && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -noenc -days 90 \
+       -subj '{PLACEHOLDER_SUBJECT}' -keyout "$tmp/key" -out "$tmp/crt" 2>/dev/null \
+    && cat "$tmp/crt" "$tmp/key" > "$cert.new" && mv -f "$cert.new" "$cert"; rm -rf "$tmp")
+fi
 """
 
 # apt-config parses each staged file (a syntax error fails), then reads the host's apt
@@ -272,7 +305,7 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         name="haproxy",
         role="lb",
         files=(FileSpec("haproxy/haproxy.cfg.j2", "/etc/haproxy/haproxy.cfg", "0600"),),
-        validate="haproxy -c -f $STAGE{root}/etc/haproxy/haproxy.cfg",
+        validate=_PLACEHOLDER + "haproxy -c -f $STAGE{root}/etc/haproxy/haproxy.cfg",
         # The servers' states (DOWN, drained) survive the reload: saved just before it,
         # loaded by the new process (`server-state-file`, `load-server-state-from-file`).
         activate=(
@@ -281,6 +314,33 @@ DAEMONS: tuple[DaemonSpec, ...] = (
             " {root}" + HAPROXY_STATE_FILE + " || echo 'hcloud-ha-web: server states not saved'"
             " >&2; fi && systemctl enable -q haproxy && systemctl reload-or-restart haproxy"
         ),
+    ),
+    DaemonSpec(
+        # After haproxy: HAProxy already answers the http-01 challenges when the first
+        # issuance runs. Without domains the same files switch the renewal timer off.
+        name="acme",
+        role="lb",
+        files=(
+            FileSpec("acme/dehydrated.conf.j2", f"{ACME_CONF_DIR}/dehydrated.conf"),
+            FileSpec("acme/domains.txt.j2", f"{ACME_CONF_DIR}/domains.txt"),
+            FileSpec("acme/account_key.pem.j2", f"{ACME_CONF_DIR}/account_key.pem", "0600"),
+            FileSpec("acme/hcloud-ha-web-cert.j2", CERT_SCRIPT, "0755"),
+            FileSpec(
+                "acme/hcloud-ha-web-cert.service.j2",
+                "/etc/systemd/system/hcloud-ha-web-cert.service",
+            ),
+            FileSpec(
+                "acme/hcloud-ha-web-cert.timer.j2", "/etc/systemd/system/hcloud-ha-web-cert.timer"
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{CERT_SCRIPT} && rm -rf $STAGE{{root}}"
+            f"{Path(CERT_SCRIPT).parent}/__pycache__"
+            f" && bash -n $STAGE{{root}}{ACME_CONF_DIR}/dehydrated.conf"
+            f" && python3 $STAGE{{root}}{CERT_SCRIPT} check-config"
+        ),
+        # Bounded: the first issuance waits at most ~2 minutes, then says what is pending.
+        activate=f"{{root}}{CERT_SCRIPT} activate",
     ),
     DaemonSpec(
         name="failover",
@@ -361,6 +421,8 @@ class RenderSecrets:
     stats_password: str = field(repr=False)
     vrrp_password: str = field(repr=False)
     failover_token: str = field(repr=False)
+    acme_account_seed: str = field(default="", repr=False)
+    """Base64 seed of the shared ACME account key (components/acme_account.py)."""
 
     def __post_init__(self) -> None:
         # Generated values pass here too (pulumi_random in components/cluster.py).
@@ -391,6 +453,12 @@ class Layout:
     """The unit whose restarts the HAProxy watcher waits for; empty: no supervisor."""
     failover_log_file: str = ""
     """Empty: the failover script logs to the journal; else it appends to this file."""
+    acme_ca_bundle: str = ""
+    """Lab only: the CA file the ACME client trusts for the ACME server (Pebble's API)."""
+    haproxy_reload_command: str = "systemctl reload haproxy"
+    """How the cert script reloads HAProxy if the runtime API refuses a new certificate."""
+    systemd: bool = True
+    """False in the lab: the cert script's `activate` then leaves units alone."""
 
 
 @dataclass(frozen=True)
@@ -480,7 +548,42 @@ def host_variables(
         "reboot_time": reboot_time(settings, host.name),
         "maxconn": haproxy_maxconn(settings.server_memory_mib),
         "server_maxconn": SERVER_MAXCONN,
+        **_https_variables(settings, secrets, layout, root),
     }
+
+
+def _https_variables(
+    settings: Settings, secrets: RenderSecrets, layout: Layout, root: str
+) -> dict[str, Any]:
+    account = _account_key(secrets.acme_account_seed) if settings.domains else None
+    return {
+        "domains": list(settings.domains),
+        "acme_email": settings.acme_email,
+        "acme_directory": settings.acme_directory,
+        "acme_thumbprint": account.thumbprint if account else "",
+        "acme_account_key_pem": account.private_pem if account else "",
+        "acme_renew_days": ACME_RENEW_DAYS,
+        "acme_conf_dir": root + ACME_CONF_DIR,
+        "acme_state_dir": root + ACME_STATE_DIR,
+        "acme_curl_opts": f"--cacert {layout.acme_ca_bundle}" if layout.acme_ca_bundle else "",
+        "cert_script": root + CERT_SCRIPT,
+        "cert_state_file": root + CERT_STATE_FILE,
+        "event_hook": root + EVENT_HOOK,
+        "haproxy_socket": root + "/run/haproxy/admin.sock",
+        "haproxy_reload_command": layout.haproxy_reload_command,
+        "systemd": layout.systemd,
+        "tls_cert": root + TLS_CERT,
+        "hsts_max_age": settings.hsts_max_age,
+        "admin_cidrs": list(settings.admin_cidrs),
+        "stats_local_port": STATS_LOCAL_PORT,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _account_key(seed_b64: str) -> AccountKey:
+    if not seed_b64:
+        raise ValueError("domains are set but no ACME account key seed was given")
+    return account_key_from_b64(seed_b64)
 
 
 #: Per web server: Apache's MaxRequestWorkers on Debian (mpm_event, 150). HAProxy queues

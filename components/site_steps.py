@@ -31,8 +31,6 @@ class WebHost:
     """One web server and the steps its site steps follow."""
 
     server: hcloud.Server
-    first: pulumi.Resource
-    """The host's first step (reachable over SSH): the check may run from then on."""
     last: pulumi.Resource
     """The host's last provisioning step (Apache and its virtual host are in place)."""
 
@@ -76,7 +74,8 @@ def site_steps(
                     create=site.check_script(release),
                     triggers=triggers,
                     add_previous_output_in_env=False,
-                    opts=pulumi.ResourceOptions(parent=parent, depends_on=[web.first]),
+                    # after the host's own steps: one of them restarts sshd
+                    opts=pulumi.ResourceOptions(parent=parent, depends_on=[web.last]),
                 )
                 copy = remote.CopyToRemote(
                     f"{name}-{host}-site-copy",

@@ -35,7 +35,12 @@ commands (type one per line):
   fault KIND [KIND...]         queue fake-API faults for the next assign calls
                                (locked, rate_limit, server_error, conflict, slow, ...)
   calls                        the fake API's call log
+  renew lb1|lb2                force a certificate renewal from the lab's CA (Pebble)
+  cert lb1|lb2                 hcloud-ha-web-cert status on that LB
+  refuse / accept              make Pebble refuse (or accept again) the lab's domains
   help, quit"""
+#: The names the lab's site answers on over HTTPS (Pebble's DNS points them at the IP).
+LAB_DOMAINS = ("site.lab.example", "www.site.lab.example")
 
 
 def _status(c: LabCluster) -> str:
@@ -88,6 +93,16 @@ def _run(c: LabCluster, words: list[str]) -> str:
             f"  {x['method']} {x['path']} -> {x['status']} {x.get('fault') or ''}"
             for x in c.api.client.calls()[-30:]
         )
+    if cmd in ("renew", "cert"):
+        if one not in topo.LB_NAMES or c.acme is None:
+            return f"{cmd} needs one of {', '.join(topo.LB_NAMES)} (and a lab with HTTPS)"
+        proc = c.cert_command(one, *(("renew", "--force") if cmd == "renew" else ("status",)),
+                              check=False)  # fmt: skip
+        return f"{proc.stdout}{proc.stderr}(exit {proc.returncode})"
+    if cmd in ("refuse", "accept") and c.acme is not None:
+        for d in c.domains:
+            getattr(c.acme, cmd)(d)
+        return f"Pebble now {'refuses' if cmd == 'refuse' else 'accepts'} {', '.join(c.domains)}"
     if cmd == "fault":
         assert c.api is not None
         return f"queued: {c.api.client.add_faults(args)}"
@@ -104,21 +119,52 @@ def _run(c: LabCluster, words: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     parser.add_argument("--webs", type=int, default=2, help="number of web servers (1-9)")
+    parser.add_argument("--no-https", action="store_true", help="plain HTTP, no lab CA")
     args = parser.parse_args(argv)
+    https = not args.no_https
+    if https and requirements_missing(("pebble", "pebble-challtestsrv", "dehydrated")):
+        print("lab: pebble/dehydrated missing (make system-deps): plain HTTP only", flush=True)
+        https = False
+    overrides = {"domains": LAB_DOMAINS, "admin_cidrs": (f"{topo.CLIENT_IP}/32",)} if https else {}
     reason = requirements_missing()
     if reason:
         print(f"lab: cannot start: {reason}", file=sys.stderr)
         return 2
     print("lab: starting (namespaces, fake Hetzner API, daemons) ...", flush=True)
-    with LabNetwork(web_count=max(1, min(args.webs, 9))) as lab, LabCluster(lab) as c:
+    with (
+        LabNetwork(web_count=max(1, min(args.webs, 9))) as lab,
+        LabCluster(lab, **overrides) as c,
+    ):
         client = f"ip netns exec {lab.client.ns}"
         login = shlex.quote(f"{c.stats_user}:{c.stats_password}")
         print(lab.describe())
+        if c.acme is not None:
+            root = c.issuing_root
+            resolve = " ".join(f"--resolve {d}:443:{topo.FLOATING_IP}" for d in c.domains)
+            s_client = (
+                f"openssl s_client -connect {topo.FLOATING_IP}:443"
+                f" -servername {c.domains[0]} -CAfile {root}"
+            )
+            https_lines = "\n".join(
+                [
+                    "",
+                    f"HTTPS:  {c.https_url}   certificate from the lab's ACME CA (Pebble)",
+                    f"        {client} curl --cacert {root} {resolve} {c.https_url}",
+                    f"        (any TLS tool: {client} {s_client})",
+                    f"stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password!r}",
+                    f"        ({client} curl --cacert {root} {resolve} -u {login} "
+                    f"'{c.stats_url};csv')   (adminCidrs: the client only)",
+                ]
+            )
+        else:
+            https_lines = (
+                f"\nstats:  {c.stats_url} on each LB only (no domains: not on the public "
+                f"address)\n        (ip netns exec {lab.prefix}-lb1 curl -s -u "
+                f"{login} '{c.stats_url};csv')"
+            )
         print(
             f"""
-site:   {c.url}   (from the client: {client} curl -s {c.url})
-stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password!r}
-        ({client} curl -s -u {login} '{c.stats_url};csv')
+site:   {c.url}   (from the client: {client} curl -s {c.url}){https_lines}
 fake Hetzner API: {lab.api_url} (calls: {lab.workdir}/api/calls.jsonl)
 daemon logs: {lab.workdir}/logs/   host roots: {c.base}/<host>/
 failover script log: {c.base}/<lb>/var/log/hcloud-floating-ip.log

@@ -21,6 +21,7 @@ Failures for the scenarios: :meth:`kill_haproxy` / :meth:`start_haproxy`,
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -39,8 +40,12 @@ from typing import Any, TypeVar
 from components.config import Settings
 from components.render import (
     APACHE_MODULES,
+    CERT_SCRIPT,
+    CERT_STATE_FILE,
     HAPROXY_DOWN_FILE,
     HAPROXY_WATCH,
+    STATS_LOCAL_PORT,
+    TLS_CERT,
     ClusterFacts,
     Layout,
     RenderedFile,
@@ -52,6 +57,7 @@ from components.render import (
 )
 from components.site import DOCROOT, PLACEHOLDER
 from lab import topology as topo
+from lab.acme import PebbleCA, launch_acme
 from lab.fake_hcloud import FakeApi, launch
 from lab.netns import Host, LabError, child_pids
 from lab.topology import LabNetwork
@@ -257,7 +263,47 @@ class ClusterView:
 
     @property
     def stats_url(self) -> str:
-        return f"http://{topo.FLOATING_IP}{STATS_URL_PATH}"
+        """Where the stats page is: HTTPS on the primary domain, or each LB's localhost."""
+        if self.domains:
+            return f"https://{self.domains[0]}{STATS_URL_PATH}"
+        return f"http://127.0.0.1:{STATS_LOCAL_PORT}{STATS_URL_PATH}"
+
+    # -- HTTPS ---------------------------------------------------------------------
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.settings.domains if self.settings is not None else ()
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.domains[0]}/"
+
+    @property
+    def issuing_root(self) -> str:
+        """The CA file a client verifies the site's certificate against."""
+        raise NotImplementedError
+
+    def tls_stream_args(self) -> dict[str, Any]:
+        """`TrafficStream` / `fetch` arguments for HTTPS through the floating IP."""
+        return {"connect_to": topo.FLOATING_IP, "cafile": self.issuing_root}
+
+    def cert_command(
+        self, name: str, *args: str, check: bool = True, timeout: float = 150
+    ) -> subprocess.CompletedProcess[str]:
+        """``hcloud-ha-web-cert ARGS`` on LB ``name`` (what the systemd timer runs)."""
+        raise NotImplementedError
+
+    def tls_cert_path(self, name: str) -> str:
+        raise NotImplementedError
+
+    def served_cert(self, name: str) -> dict[str, str]:
+        """What HAProxy on ``name`` serves right now (runtime API ``show ssl cert``)."""
+        out = self.haproxy_command(name, f"show ssl cert {self.tls_cert_path(name)}")
+        fields = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        return fields
 
     @property
     def stats_user(self) -> str:
@@ -295,6 +341,7 @@ class LabCluster(ClusterView):
         # Blanks, '#', a quote and ':' on purpose: haproxy.cfg must carry them whole.
         self.stats_password = f"lab stats #{secrets.token_hex(4)} it's:ok"
         self.secrets: RenderSecrets | None = None
+        self.acme: PebbleCA | None = None
         self.hosts: dict[str, HostRuntime] = {}
         self.facts = ClusterFacts(
             floating_ip=topo.FLOATING_IP,
@@ -310,11 +357,17 @@ class LabCluster(ClusterView):
         self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.base.chmod(0o755)
         self.api = launch(self.lab)
+        if self.settings_overrides.get("domains"):
+            # HTTPS: Let's Encrypt's test CA on the public side; the LBs ask it, not LE.
+            self.acme = launch_acme(self.lab)
+            self.settings_overrides.setdefault("acme_directory", self.acme.directory_url)
+            self.settings_overrides.setdefault("acme_email", "lab@hcloud-ha-web.example")
         self.settings = lab_settings(self.lab.web_count, self.api.url, **self.settings_overrides)
         self.secrets = RenderSecrets(
             stats_password=self.stats_password,
             vrrp_password="lab-vrrp",
             failover_token=self.api.token,
+            acme_account_seed=base64.b64encode(secrets.token_bytes(32)).decode(),
         )
         for host in [*self.lab.lbs, *self.lab.webs]:
             root = self.base / host.name
@@ -324,6 +377,9 @@ class LabCluster(ClusterView):
                 haproxy_log_target="stdout",
                 haproxy_unit="",  # no supervisor restarts the lab's HAProxy
                 failover_log_file=str(root / "var/log/hcloud-floating-ip.log"),
+                acme_ca_bundle=str(self.acme.api_ca) if self.acme else "",
+                haproxy_reload_command="",  # the lab hot-loads through the runtime API only
+                systemd=False,
             )
             self.hosts[host.name] = HostRuntime(host, root, layout)
         for web in self.lab.webs:
@@ -335,7 +391,44 @@ class LabCluster(ClusterView):
         wait_for(lambda: self.is_master("lb1"), timeout, "lb1 to become VRRP master")
         self.start_lb("lb2")
         self.wait_settled(timeout)
+        if self.acme is not None:
+            for lb_name in topo.LB_NAMES:  # what the acme step's `activate` does on a host
+                out = self.cert_command(lb_name, "activate")
+                if self.cert_command(lb_name, "status", check=False).returncode != 0:
+                    raise LabError(
+                        f"{lb_name}: no certificate from Pebble:\n{out.stdout}"
+                        f"{out.stderr}\n{self.acme.log()[-3000:]}"
+                    )
         return self
+
+    # -- HTTPS ---------------------------------------------------------------------
+    def cert_command(
+        self, name: str, *args: str, check: bool = True, timeout: float = 150
+    ) -> subprocess.CompletedProcess[str]:
+        """``hcloud-ha-web-cert ARGS`` on LB ``name`` (what the systemd timer runs)."""
+        rt = self.hosts[name]
+        script = str(rt.root / CERT_SCRIPT.lstrip("/"))
+        proc = rt.host.run(["python3", script, *args], check=False, timeout=timeout)
+        with (rt.host.logdir / f"{name}-cert.log").open("a") as log:
+            log.write(f"$ hcloud-ha-web-cert {' '.join(args)} -> {proc.returncode}\n")
+            log.write(proc.stdout + proc.stderr)
+        if check and proc.returncode != 0:
+            raise LabError(
+                f"{name}: hcloud-ha-web-cert {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}"
+            )
+        return proc
+
+    def tls_cert_path(self, name: str) -> str:
+        return str(self.hosts[name].root) + TLS_CERT
+
+    @property
+    def issuing_root(self) -> str:
+        assert self.acme is not None, "no ACME CA in this lab (no domains)"
+        return str(self.acme.issuing_root)
+
+    def cert_state(self, name: str) -> dict[str, Any]:
+        path = self.hosts[name].root / CERT_STATE_FILE.lstrip("/")
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def stop(self) -> None:
         """Stop every daemon by PID and remove the host roots (the lab removes the rest)."""
@@ -344,6 +437,8 @@ class LabCluster(ClusterView):
                 self._stop(rt, name, signal.SIGTERM)
         if self.api is not None:
             self.lab.api.kill(self.api.proc)
+        if self.acme is not None:
+            self.acme.stop()
         if self.base.is_dir() and self.base.parent == RUN_BASE:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -409,7 +504,7 @@ class LabCluster(ClusterView):
         script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
         rt.host.run(["sh", "-ec", script], timeout=15)
         self._write(self.rendered(name))
-        for d in ("run/haproxy", "var/log", "var/lib/haproxy"):
+        for d in ("run/haproxy", "var/log", "var/lib/haproxy", "var/lib/hcloud-ha-web"):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
         self._validate(name, "lb")

@@ -16,6 +16,7 @@ The unit tests and the local cloud tier both run the program this way:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import runpy
@@ -113,6 +114,11 @@ class Mocks(pulumi.runtime.Mocks):
             outputs["result"] = generated_password(
                 args.name, int(args.inputs["length"]), bool(args.inputs.get("special", True))
             )
+        elif args.typ == "random:index/randomBytes:RandomBytes":
+            # What the provider computes: random bytes, here derived from the name.
+            raw = hashlib.sha256(args.name.encode()).digest()[: int(args.inputs["length"])]
+            outputs["base64"] = base64.b64encode(raw).decode()
+            outputs["hex"] = raw.hex()
         return rid, outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:

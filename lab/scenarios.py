@@ -7,13 +7,15 @@ Debian hosts) and raises AssertionError, naming what it saw, when the behaviour 
 from __future__ import annotations
 
 import itertools
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 
 from lab.cluster import ClusterView, assign_calls, wait_for
-from lab.topology import LB_NAMES, LB_SERVER_IDS
-from lab.traffic import Outage, TrafficStream, outage
+from lab.topology import FLOATING_IP, LB_NAMES, LB_SERVER_IDS
+from lab.traffic import Outage, TrafficStream, fetch, outage
 
 
 def check_round_robin(c: ClusterView, rounds: int = 3) -> None:
@@ -90,6 +92,7 @@ def check_lb_failover(
     fail: Callable[[], None],
     recover: Callable[[], None] | None = None,
     timeout: float = 15.0,
+    https: bool = False,
 ) -> Outage:
     """Under a steady stream of new clients, ``fail()`` takes lb1 (the master) out: lb2
     becomes the only VRRP master, the fake API is asked to assign the floating IP to lb2
@@ -98,7 +101,10 @@ def check_lb_failover(
     With ``recover``: it brings lb1 back, lb1 takes over again with exactly one successful
     assign to itself, and the last request succeeds. Returns the outage the clients saw.
     """
-    stream = TrafficStream(c.lab.client, c.url, duration=60)
+    if https:
+        stream = TrafficStream(c.lab.client, c.https_url, duration=60, **c.tls_stream_args())
+    else:
+        stream = TrafficStream(c.lab.client, c.url, duration=60)
     try:
         stream.wait_started()
         time.sleep(0.3)
@@ -128,3 +134,123 @@ def check_lb_failover(
 
 def _is_down(c: ClusterView, lb: str, web: str) -> bool:
     return c.server_status(lb)[web].startswith("DOWN")
+
+
+# --- HTTPS (issue 11) ------------------------------------------------------------------------
+
+
+def curl(c: ClusterView, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    """curl from the client namespace; every domain resolves to the floating IP, as DNS says."""
+    resolve = [
+        a for d in c.domains for p in (80, 443) for a in ("--resolve", f"{d}:{p}:{FLOATING_IP}")
+    ]
+    return c.lab.client.run(
+        ["curl", "-sS", "--max-time", str(timeout - 2), *resolve, *args],
+        check=False,
+        timeout=timeout,
+    )
+
+
+def check_https_served_by(c: ClusterView, lb: str) -> dict[str, str]:
+    """``lb`` serves a certificate for every domain that verifies against the CA's issuing
+    root with the real host name (the client is routed to ``lb`` for the check), over
+    HTTP/2, and it is the certificate HAProxy's runtime API reports. Returns that."""
+    served = c.served_cert(lb)
+    previous = c.lab.floating_ip_target()
+    c.lab.route_floating_ip_to(lb)
+    try:
+        for domain in c.domains:
+            out = curl(c, "--cacert", c.issuing_root, "-o", "/dev/null",
+                       "-w", "%{http_code} %{http_version} %{ssl_verify_result}",
+                       f"https://{domain}/")  # fmt: skip
+            assert out.returncode == 0 and out.stdout == "200 2 0", (lb, domain, out)
+            rec = c.lab.client.call(fetch, f"https://{domain}/", **c.tls_stream_args())
+            assert rec["ok"] and rec["cert_serial"] == served["Serial"], (lb, rec, served)
+    finally:
+        if previous:
+            c.lab.route_floating_ip_to(previous)
+    assert set(c.domains) <= {
+        n.strip().removeprefix("DNS:") for n in served["Subject Alternative Name"].split(",")
+    }, served
+    assert served["Algorithm"] == "EC256", served  # ECDSA P-256
+    assert served["Issuer"] != served["Subject"], served  # not the placeholder
+    return served
+
+
+def check_redirect_except_challenge(c: ClusterView, thumbprint: str) -> None:
+    """Port 80 answers 301 to the same URL on https, except the ACME challenge path, which
+    HAProxy answers itself with ``<token>.<account thumbprint>``."""
+    domain = c.domains[-1]
+    out = curl(c, "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+               f"http://{domain}/some/page?x=1")  # fmt: skip
+    assert out.stdout == f"301 https://{domain}/some/page?x=1", out
+    stats = curl(c, "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                 f"http://{domain}/haproxy?stats")  # fmt: skip
+    assert stats.stdout == f"301 https://{domain}/haproxy?stats", stats  # never over HTTP
+    token = "Tok_en-" + str(int(time.time()))
+    answer = curl(c, "-w", " %{http_code}", f"http://{domain}/.well-known/acme-challenge/{token}")
+    assert answer.stdout == f"{token}.{thumbprint} 200", answer
+
+
+def check_tls_protocols(c: ClusterView) -> None:
+    """TLS 1.0 and 1.1 are refused by the server (alert protocol_version after our
+    ClientHello); the same probe with TLS 1.2 and 1.3 succeeds, and a TLS 1.2 session is
+    resumed from the session cache."""
+
+    def s_client(*args: str) -> subprocess.CompletedProcess[str]:
+        return c.lab.client.run(
+            ["openssl", "s_client", "-connect", f"{FLOATING_IP}:443",
+             "-servername", c.domains[0], "-cipher", "DEFAULT@SECLEVEL=0", *args],
+            check=False, input="", timeout=10,
+        )  # fmt: skip
+
+    for old in ("-tls1", "-tls1_1"):
+        out = s_client(old)
+        assert out.returncode != 0, (old, out.stdout[-400:])
+        assert "alert protocol version" in out.stderr, (old, out.stderr)  # the server said no
+    for good, name in (("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")):
+        out = s_client(good)
+        assert out.returncode == 0 and f"{name}" in out.stdout, (good, out.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = f"{tmp}/session.pem"
+        first = s_client("-tls1_2", "-sess_out", sess)
+        again = s_client("-tls1_2", "-sess_in", sess)
+    assert "New, TLSv1.2" in first.stdout, first.stdout[-300:]
+    assert "Reused, TLSv1.2" in again.stdout, again.stdout[-300:]
+
+
+def check_renewal_under_load(c: ClusterView, lb: str = "lb1") -> None:
+    """A forced renewal on the master, under a steady HTTPS stream of new connections:
+    not one request fails, and the stream sees the old and then the new certificate."""
+    before = c.served_cert(lb)["Serial"]
+    stream = TrafficStream(c.lab.client, c.https_url, duration=30, timeout=2.0,
+                           **c.tls_stream_args())  # fmt: skip
+    try:
+        stream.wait_started()
+        time.sleep(0.5)
+        c.cert_command(lb, "renew", "--force")
+        after = c.served_cert(lb)["Serial"]
+        assert after != before, (before, after)
+        wait_for(lambda: any(r.get("cert_serial") == after for r in stream.records()),
+                 10, "the stream to see the new certificate")  # fmt: skip
+        time.sleep(0.5)
+    finally:
+        records = stream.stop()
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, failed[:5]
+    serials = [r.get("cert_serial") for r in records]
+    assert serials[0] == before and serials[-1] == after, (before, after, set(serials))
+    assert len(records) > 20, len(records)
+
+
+def check_backup_renews_while_master_holds_ip(c: ClusterView) -> None:
+    """lb2 renews (forced) while lb1 is master and the floating IP routes to lb1; its
+    HAProxy then serves the new certificate, and lb1's is untouched."""
+    assert c.masters() == ["lb1"] and c.lab.floating_ip_target() == "lb1"
+    lb1_before = c.served_cert("lb1")["Serial"]
+    lb2_before = c.served_cert("lb2")["Serial"]
+    c.cert_command("lb2", "renew", "--force")
+    assert c.masters() == ["lb1"] and c.lab.floating_ip_target() == "lb1"
+    assert c.served_cert("lb1")["Serial"] == lb1_before
+    assert c.served_cert("lb2")["Serial"] != lb2_before
+    check_https_served_by(c, "lb2")

@@ -359,6 +359,20 @@ class LabNetwork:
         self._ip_batch(self.switch_ns, sw_cmds)
         self._ip_batch(host.ns, host_cmds)
 
+    def add_public_host(self, name: str, address: str) -> Host:
+        """One more host on the public side only (e.g. the lab's ACME CA), torn down with
+        the lab like the others."""
+        if name in self.hosts:
+            raise LabError(f"host {name!r} already exists in lab {self.prefix}")
+        if not address.startswith("198.19.0."):
+            raise LabError(f"{address} is not on the public side 198.19.0.0/24")
+        host = Host(name, f"{self.prefix}-{name}", self.workdir / "logs")
+        host.public_ip, host.public_iface = address, PUBLIC_IFACE
+        self.hosts[name] = host
+        self._add_netns(host.ns)
+        self._wire(host)
+        return host
+
     # -- access ------------------------------------------------------------
     def __getitem__(self, name: str) -> Host:
         try:

@@ -20,6 +20,8 @@ import hashlib
 import http.client
 import json
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -44,8 +46,15 @@ def fetch(
     cookie: str | None = None,
     auth: tuple[str, str] | None = None,
     method: str = "GET",
+    connect_to: str | None = None,
+    cafile: str | None = None,
 ) -> dict[str, Any]:
-    """One request on a fresh connection; never raises for network errors."""
+    """One request on a fresh connection; never raises for network errors.
+
+    ``https://`` URLs verify the server against ``cafile`` with the URL's host name (SNI
+    and certificate check) while ``connect_to`` names the address actually dialled (the
+    floating IP), as `curl --resolve` does; the record then holds the certificate's serial.
+    """
     parts = urllib.parse.urlsplit(url)
     path = parts.path or "/"
     if parts.query:
@@ -58,9 +67,25 @@ def fetch(
         headers["Authorization"] = f"Basic {token}"
     started = time.time()
     rec: dict[str, Any] = {"ok": False, "status": None, "served_by": None, "error": None}
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        ctx = ssl.create_default_context(cafile=cafile)
+        conn = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port or 443, timeout=timeout, context=ctx
+        )
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
+    if connect_to:
+        dial = connect_to
+
+        def create(address: tuple[str, int], *args: Any) -> socket.socket:
+            return socket.create_connection((dial, address[1]), *args)
+
+        conn._create_connection = create  # type: ignore[attr-defined]
     try:
         conn.request(method, path, headers=headers)
+        if isinstance(conn.sock, ssl.SSLSocket):
+            rec["cert_serial"] = (conn.sock.getpeercert() or {}).get("serialNumber")
         resp = conn.getresponse()
         body = resp.read()
         rec["status"] = resp.status
@@ -68,6 +93,7 @@ def fetch(
         match = SERVED_BY_RE.search(body)
         rec["served_by"] = match.group(1).decode() if match else None
         rec["set_cookie"] = resp.getheader("Set-Cookie")
+        rec["location"] = resp.getheader("Location")
         # which content answered, wholly: a release switch must never serve a mix
         rec["sha256"] = hashlib.sha256(body).hexdigest()
     except (OSError, http.client.HTTPException) as exc:
@@ -86,6 +112,8 @@ def stream(
     duration: float,
     interval: float = 0.02,
     timeout: float = 0.3,
+    connect_to: str | None = None,
+    cafile: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Up to ``count`` requests within ``duration`` seconds, ``interval`` apart."""
     count = max(0, min(count, MAX_COUNT))
@@ -94,7 +122,7 @@ def stream(
         if time.monotonic() >= deadline:
             return
         began = time.monotonic()
-        rec = fetch(url, timeout=timeout)
+        rec = fetch(url, timeout=timeout, connect_to=connect_to, cafile=cafile)
         rec["seq"] = seq
         yield rec
         pause = interval - (time.monotonic() - began)
@@ -109,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--timeout", type=float, default=0.3)
+    parser.add_argument(
+        "--connect-to", default=None, help="address to dial (https: SNI = URL host)"
+    )
+    parser.add_argument("--cacert", default=None, help="CA file for https URLs")
     args = parser.parse_args(argv)
     print(json.dumps({"event": "start", "ts": time.time()}), flush=True)
     for rec in stream(
@@ -117,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration=args.duration,
         interval=args.interval,
         timeout=args.timeout,
+        connect_to=args.connect_to,
+        cafile=args.cacert,
     ):
         print(json.dumps(rec, sort_keys=True), flush=True)
     return 0
@@ -160,6 +194,8 @@ class TrafficStream:
         interval: float = 0.02,
         timeout: float = 0.3,
         log: Path | None = None,
+        connect_to: str | None = None,
+        cafile: str | None = None,
     ) -> None:
         self.host = host
         self.path = log or host.logdir / f"traffic-{time.monotonic_ns()}.jsonl"
@@ -177,6 +213,8 @@ class TrafficStream:
             str(interval),
             "--timeout",
             str(timeout),
+            *(["--connect-to", connect_to] if connect_to else []),
+            *(["--cacert", cafile] if cafile else []),
         ]
         repo_root = str(Path(__file__).resolve().parent.parent)
         self.proc: subprocess.Popen[Any] = host.popen(argv, log=self.path, cwd=repo_root)

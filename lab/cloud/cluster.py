@@ -20,14 +20,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import subprocess
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 from components import day2
 from components.config import PROJECT, Settings, settings_to_config
+from components.render import ACME_RENEW_DAYS, CERT_SCRIPT, TLS_CERT
 from components.site_steps import CHECK_STEP_SUFFIX
 from lab import topology as topo
+from lab.acme import PebbleCA, launch_acme
 from lab.cloud.apply import STEP_TIMEOUT, ApplyResult, Event, apply, rollout
 from lab.cloud.common import CloudError, Log
 from lab.cloud.host import BootTiming, CloudHost
@@ -38,6 +41,8 @@ from lab.program import PlannedResource, ProviderFacts, RemoteStep, program_plan
 from lab.topology import LabNetwork
 
 STATS_PASSWORD = "cloud-lab-stats-password"
+#: Pebble's certificate lifetime in the local cloud: inside the renewal window (due at once)
+ACME_VALIDITY_SECONDS = (ACME_RENEW_DAYS - 10) * 86400
 #: systemd units of the daemons, by the names the scenarios use
 UNITS = {"apache2": "apache2", "haproxy": "haproxy", "keepalived": "keepalived"}
 HAPROXY_SOCKET = "/run/haproxy/admin.sock"
@@ -74,6 +79,7 @@ class CloudCluster(ClusterView):
         # adds; no host boots there until an update creates the server.
         self.lab = LabNetwork(web_count + spare_webs, floating_ip_on_lbs=False)
         self.api: FakeApi | None = None
+        self.acme: PebbleCA | None = None
         self.settings: Settings | None = None
         self.stats_password = STATS_PASSWORD
         self.cloud: CloudLab | None = None
@@ -92,6 +98,12 @@ class CloudCluster(ClusterView):
         try:
             self.lab.start()
             self.api = launch(self.lab)
+            if self.settings_overrides.get("domains"):
+                # HTTPS: Pebble on the public side; its certificates expire inside the
+                # renewal window, so the timer's unit has real work to do.
+                self.acme = launch_acme(self.lab, validity_seconds=ACME_VALIDITY_SECONDS)
+                self.settings_overrides.setdefault("acme_directory", self.acme.directory_url)
+                self.settings_overrides.setdefault("acme_email", "lab@hcloud-ha-web.example")
             self.cloud = CloudLab(log=self._log)
             # root's authorized_keys is managed by the program (its keys step): the key
             # the lab logs in with is the stack's sshPublicKey.
@@ -102,6 +114,8 @@ class CloudCluster(ClusterView):
             for name in self.names:
                 self.hosts[name] = self.cloud.host(name, self.lab[name].ns, self.image)
             self.boot_timings = self.cloud.boot()
+            if self.acme is not None:
+                self._trust_lab_acme_ca()
         except BaseException:
             self.close()
             raise
@@ -326,6 +340,35 @@ class CloudCluster(ClusterView):
             timeout,
             f"{', '.join(units)} active on {name}",
             step=0.3,
+        )
+
+    # -- HTTPS -------------------------------------------------------------------------
+    def _trust_lab_acme_ca(self) -> None:
+        """The LBs' ACME client (curl) trusts Pebble's API through the system store of
+        these lab hosts only; the program itself ships no trust for it."""
+        assert self.acme is not None
+        pem = self.acme.api_ca.read_text()
+        for name in topo.LB_NAMES:
+            self.ssh(
+                name,
+                "cat > /usr/local/share/ca-certificates/hcloud-ha-web-lab-acme.crt"
+                " && update-ca-certificates >/dev/null",
+                stdin=pem,
+            )
+
+    @property
+    def issuing_root(self) -> str:
+        assert self.acme is not None, "no ACME CA in this cluster (no domains)"
+        return str(self.acme.issuing_root)
+
+    def tls_cert_path(self, name: str) -> str:
+        return TLS_CERT
+
+    def cert_command(
+        self, name: str, *args: str, check: bool = True, timeout: float = 150
+    ) -> subprocess.CompletedProcess[str]:
+        return self.hosts[name].ssh(
+            " ".join([CERT_SCRIPT, *map(shlex.quote, args)]), check=check, timeout=timeout
         )
 
     # -- ClusterView -------------------------------------------------------------------

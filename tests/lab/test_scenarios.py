@@ -21,8 +21,8 @@ from lab.scenarios import (
     check_sticky,
     check_web_server_loss,
 )
-from lab.topology import CLIENT_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
-from lab.traffic import TrafficStream, outage
+from lab.topology import CLIENT_IP, FLOATING_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
+from lab.traffic import TrafficStream, fetch, outage
 
 pytestmark = pytest.mark.lab
 LAB_REASON = requirements_missing()
@@ -196,15 +196,21 @@ def test_access_log_shows_client_address_and_no_health_checks(cluster: LabCluste
 
 
 # -- 10 ----------------------------------------------------------------------------------
-def test_stats_page_needs_the_password(cluster: LabCluster) -> None:
-    user = cluster.stats_user
-    assert cluster.get(cluster.stats_url)["status"] == 401
-    assert cluster.get(cluster.stats_url, auth=(user, "wrong-password"))["status"] == 401
-    password = cluster.stats_password
+def test_stats_page_only_on_localhost_and_needs_the_password(cluster: LabCluster) -> None:
+    """No domains: the stats page (basic auth over plain HTTP) is not on the public address;
+    on each LB's localhost it asks for the password, taken whole."""
+    user, password = cluster.stats_user, cluster.stats_password
+    public = cluster.get(f"http://{FLOATING_IP}/haproxy?stats", auth=(user, password))
+    assert public["status"] == 404, public  # the public address answered: the site's 404
+    assert cluster.get()["status"] == 200  # (and the probe reaches the site)
     assert " " in password and "#" in password and "'" in password, "the lab's password"
-    good = cluster.get(cluster.stats_url, auth=(user, password))
-    assert good["status"] == 200, good
-    # HAProxy splits unquoted words and starts a comment at '#': the value arrived whole
-    # only if no shorter prefix is accepted.
-    for cut in (password.split(" ")[0], password.split("#")[0], password.split("'")[0]):
-        assert cluster.get(cluster.stats_url, auth=(user, cut))["status"] == 401, cut
+    for lb in LB_NAMES:
+        host = cluster.lab[lb]
+        assert host.call(fetch, cluster.stats_url)["status"] == 401
+        assert host.call(fetch, cluster.stats_url, auth=(user, "wrong"))["status"] == 401
+        good = host.call(fetch, cluster.stats_url, auth=(user, password))
+        assert good["status"] == 200, good
+        # HAProxy splits unquoted words and starts a comment at '#': the value arrived
+        # whole only if no shorter prefix is accepted.
+        for cut in (password.split(" ")[0], password.split("#")[0], password.split("'")[0]):
+            assert host.call(fetch, cluster.stats_url, auth=(user, cut))["status"] == 401, cut

@@ -39,10 +39,20 @@ VARIANTS: dict[str, dict[str, object]] = {
     "custom-health-path": {"health_check_path": "/health/ready.txt"},
     "lab-subnet": {"lab": True, "network_cidr": "198.18.0.0/16", "subnet_cidr": "198.18.4.0/24"},
     "vrrp-v2-password": {"vrrp_version": 2, "vrrp_advert_interval": 1.0},
+    "https": {"domains": ("example.com", "www.example.com"), "acme_email": "ops@example.com"},
+    "https-one-name-no-hsts": {
+        "domains": ("shop.example.org",),
+        "acme_email": "a.b+acme@example.org",
+        "hsts_max_age": 0,
+        "acme_directory": "https://acme-staging-v02.api.letsencrypt.org/directory",
+    },
 }
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
 SECRETS = RenderSecrets(
-    stats_password="p@ss w0rd:#1", vrrp_password="Vr8pPass", failover_token="t" * 64
+    stats_password="p@ss w0rd:#1",
+    vrrp_password="Vr8pPass",
+    failover_token="t" * 64,
+    acme_account_seed="aGNsb3VkLWhhLXdlYiByZW5kZXIgdGVzdCBzZWVkIDEyMzQ=",
 )
 
 pytestmark = pytest.mark.skipif(bool(checker_missing()), reason=checker_missing() or "ok")

@@ -268,7 +268,10 @@ def test_urls_are_built_on_the_floating_ip(monitor: RecordingMonitor) -> pulumi.
         fip, site, stats = args
         assert fip == "192.0.2.44"  # the provider's address (from the mock)
         assert site == "http://192.0.2.44/"
-        assert stats == "http://192.0.2.44/haproxy?stats"
+        # no domains: the stats page is on each LB's localhost only, reached through SSH
+        assert stats.startswith("http://127.0.0.1:8404/haproxy?stats")
+        assert "ssh -L 8404:127.0.0.1:8404" in stats
+        assert "192.0.2.44" not in stats
 
     return pulumi.Output.all(cluster.floating_ip, cluster.site_url, cluster.stats_url).apply(check)
 
@@ -412,6 +415,7 @@ def test_main_exports_every_output_and_keeps_the_password_secret(
         "floating_ip",
         "site_url",
         "stats_url",
+        "dns_records",
         "stats_user",
         "stats_password",
         "public_ipv4",

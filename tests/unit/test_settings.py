@@ -490,3 +490,80 @@ def test_settings_to_config_is_read_back_as_the_same_settings(monitor: Recording
     config, secret_keys = valid_config(**{k: v for k, v in raw.items()})
     pulumi.runtime.set_all_config(config, secret_keys)
     assert run(load_settings).settings == settings
+
+
+# --- HTTPS settings (issue 11) ---------------------------------------------------------------
+
+_HTTPS_OK = {"domains": ["example.com", "www.example.com"], "acmeEmail": "ops@example.com"}
+
+HTTPS_BAD_INPUTS = [
+    ("wildcard domain", {**_HTTPS_OK, "domains": ["*.example.com"]}, "domains", "wildcard"),
+    ("domain with scheme", {**_HTTPS_OK, "domains": ["https://example.com"]}, "domains", "https"),
+    ("domain uppercase", {**_HTTPS_OK, "domains": ["Example.com"]}, "domains", "Example.com"),
+    ("domain one label", {**_HTTPS_OK, "domains": ["localhost"]}, "domains", "localhost"),
+    ("domain is an IP", {**_HTTPS_OK, "domains": ["192.0.2.1"]}, "domains", "192.0.2.1"),
+    ("domain trailing dot", {**_HTTPS_OK, "domains": ["example.com."]}, "domains", "example"),
+    ("domain label dash", {**_HTTPS_OK, "domains": ["-a.example.com"]}, "domains", "-a."),
+    ("domain twice", {**_HTTPS_OK, "domains": ["a.example", "a.example"]}, "domains", "once"),
+    ("domains without email", {"domains": ["example.com"]}, "acmeEmail", "required"),
+    ("email without domain", {**_HTTPS_OK, "acmeEmail": "ops@"}, "acmeEmail", "ops@"),
+    ("email no at", {**_HTTPS_OK, "acmeEmail": "ops.example.com"}, "acmeEmail", "ops.example"),
+    ("email shell chars", {**_HTTPS_OK, "acmeEmail": "a$(x)@example.com"}, "acmeEmail", "$(x)"),
+    (
+        "directory http",
+        {**_HTTPS_OK, "acmeDirectory": "http://ca.example/dir"},
+        "acmeDirectory",
+        "http:",
+    ),
+    ("directory quote", {**_HTTPS_OK, "acmeDirectory": 'https://ca"x/dir'}, "acmeDirectory", "ca"),
+    ("domain outside zone", {**_HTTPS_OK, "dnsZone": "example.org"}, "domains", "example.org"),
+    (
+        "zone lookalike",
+        {**_HTTPS_OK, "domains": ["badexample.com"], "dnsZone": "example.com"},
+        "domains",
+        "badexample",
+    ),
+    ("zone without domains", {"dnsZone": "example.com"}, "dnsZone", "example.com"),
+    ("hsts negative", {**_HTTPS_OK, "hstsMaxAge": "-1"}, "hstsMaxAge", "-1"),
+    ("hsts too long", {**_HTTPS_OK, "hstsMaxAge": "999999999"}, "hstsMaxAge", "999999999"),
+    ("hsts not a number", {**_HTTPS_OK, "hstsMaxAge": "1y"}, "hstsMaxAge", "1y"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "shown"),
+    [pytest.param(o, k, v, id=case) for case, o, k, v in HTTPS_BAD_INPUTS],
+)
+def test_bad_https_input_fails_naming_the_key_before_any_resource(
+    monitor: RecordingMonitor, overrides: dict[str, Any], key: str, shown: str
+) -> None:
+    config, secret_keys = valid_config(**overrides)
+    pulumi.runtime.set_all_config(config, secret_keys)
+    with pytest.raises(SettingsError) as raised:
+        run_main()
+    assert raised.value.key == key
+    assert f"'{PROJECT}:{key}'" in str(raised.value)
+    assert shown in str(raised.value)
+    assert monitor.registrations == []
+
+
+def test_good_https_config_loads(monitor: RecordingMonitor) -> None:
+    s = load(
+        monitor,
+        **_HTTPS_OK,
+        dnsZone="example.com",
+        hstsMaxAge="0",
+        acmeDirectory="https://acme-staging-v02.api.letsencrypt.org/directory",
+    ).settings
+    assert s.domains == ("example.com", "www.example.com")
+    assert s.dns_zone == "example.com" and s.hsts_max_age == 0
+    assert s.acme_directory.endswith("acme-staging-v02.api.letsencrypt.org/directory")
+
+
+def test_https_defaults_are_plain_http_with_lets_encrypt_and_a_day_of_hsts(
+    monitor: RecordingMonitor,
+) -> None:
+    s = load(monitor).settings
+    assert s.domains == () and s.dns_zone == "" and s.acme_email == ""
+    assert s.acme_directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert s.hsts_max_age == 86400

@@ -162,7 +162,7 @@ def test_releases_roll_in_waves_and_never_all_at_once(
             assert switch[earlier].urn in switch[later].dependencies
     assert switch["web1"].urn not in switch["web2"].dependencies
     assert switch["web3"].urn not in switch["web4"].dependencies
-    # the copies do not wait for earlier waves: every host can receive in parallel
+    # the copies do not wait for earlier waves: every host receives in parallel
     copies = [regs[f"hcloud-ha-web-{h}-site-copy"] for h in switch]
     for copy in copies:
         assert not {s.urn for s in switch.values()} & set(copy.dependencies)
