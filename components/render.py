@@ -31,10 +31,31 @@ OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 DOCROOT = "/var/www/hcloud-ha-web"
+# Observability (issue 16): exporters listen on the private address only.
+NODE_EXPORTER_PORT = 9100
+HAPROXY_METRICS_PORT = 8404
+METRICS_SCRIPT = "/usr/local/sbin/hcloud-ha-web-metrics"
+EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
+ALERT_URL_FILE = "/etc/hcloud-ha-web/alert-webhook-url"
+STATE_DIR = "/var/lib/hcloud-ha-web"
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+#: PEM bundles HAProxy serves (one cert + key per file); their expiry is exported.
+CERT_GLOB = "/etc/haproxy/certs/*.pem"
+METRICS_INTERVAL = 15
+ALERT_ATTEMPTS = 5
+ALERT_TIMEOUT = 5
 
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
-    "lb": ("haproxy", "keepalived", "curl", "python3", "iproute2"),
-    "web": ("apache2", "curl", "iproute2"),
+    "lb": (
+        "haproxy",
+        "keepalived",
+        "curl",
+        "python3",
+        "iproute2",
+        "openssl",
+        "prometheus-node-exporter",
+    ),
+    "web": ("apache2", "curl", "iproute2", "prometheus-node-exporter"),
 }
 
 _ENV = jinja2.Environment(
@@ -82,6 +103,32 @@ rm -f "$cfg/sites-enabled/000-default.conf"
 (set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
   && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
 """
+
+# Debian's unit runs `prometheus-node-exporter $ARGS`: the exporter itself parses the
+# flags (`--version` last, so a bad flag fails), and the listen address must be an address,
+# not the wildcard.
+_NODE_EXPORTER_VALIDATE = r"""
+. $STAGE{root}/etc/default/prometheus-node-exporter
+case " $ARGS " in *" --web.listen-address="[0-9]*) ;; *)
+  echo "node exporter must listen on the private address: $ARGS" >&2; exit 1 ;; esac
+prometheus-node-exporter $ARGS --version >/dev/null
+"""
+_NODE_EXPORTER_ACTIVATE = (
+    "systemctl enable -q prometheus-node-exporter && systemctl restart prometheus-node-exporter"
+)
+
+
+def _node_exporter(role: Role) -> DaemonSpec:
+    return DaemonSpec(
+        name="exporter",
+        role=role,
+        files=(
+            FileSpec("ops/prometheus-node-exporter.j2", "/etc/default/prometheus-node-exporter"),
+        ),
+        validate=_NODE_EXPORTER_VALIDATE,
+        activate=_NODE_EXPORTER_ACTIVATE,
+    )
+
 
 DAEMONS: tuple[DaemonSpec, ...] = (
     DaemonSpec(
@@ -154,6 +201,35 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         activate="true",
     ),
     DaemonSpec(
+        name="ops",
+        role="lb",
+        files=(
+            FileSpec("ops/hcloud-ha-web-metrics.j2", METRICS_SCRIPT, "0755"),
+            FileSpec("ops/hcloud-ha-web-event.j2", EVENT_HOOK, "0755"),
+            FileSpec("ops/alert-webhook-url.j2", ALERT_URL_FILE, "0600"),
+            FileSpec(
+                "ops/hcloud-ha-web-metrics.service.j2",
+                "/etc/systemd/system/hcloud-ha-web-metrics.service",
+            ),
+            FileSpec(
+                "ops/hcloud-ha-web-metrics.timer.j2",
+                "/etc/systemd/system/hcloud-ha-web-metrics.timer",
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{METRICS_SCRIPT}"
+            f" && python3 -m py_compile $STAGE{{root}}{EVENT_HOOK}"
+            f" && rm -rf $STAGE{{root}}{Path(METRICS_SCRIPT).parent}/__pycache__"
+            " && grep -q '^ExecStart=/' $STAGE{root}/etc/systemd/system/hcloud-ha-web-metrics.service"
+            " && grep -q '^OnUnitActiveSec=[0-9]' "
+            "$STAGE{root}/etc/systemd/system/hcloud-ha-web-metrics.timer"
+        ),
+        activate=(
+            f"{METRICS_SCRIPT} collect && systemctl daemon-reload"
+            " && systemctl enable -q --now hcloud-ha-web-metrics.timer"
+        ),
+    ),
+    DaemonSpec(
         name="keepalived",
         role="lb",
         files=(
@@ -164,6 +240,8 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         validate="keepalived -t -f $STAGE{root}/etc/keepalived/keepalived.conf",
         activate="systemctl enable -q keepalived && systemctl reload-or-restart keepalived",
     ),
+    _node_exporter("lb"),
+    _node_exporter("web"),
 )
 
 
@@ -193,6 +271,8 @@ class RenderSecrets:
     stats_password: str = field(repr=False)
     vrrp_password: str = field(repr=False)
     failover_token: str = field(repr=False)
+    alert_webhook_url: str = field(default="", repr=False)
+    """Empty: no webhook; the event hook then posts nothing."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +285,8 @@ class Layout:
     """HAProxy `log` target: the journal via /dev/log, or `stdout` in the lab."""
     failover_log_file: str = ""
     """Empty: the failover script logs to the journal; else it appends to this file."""
+    ops_log_file: str = ""
+    """Empty: the metrics script and the event hook log to the journal; else this file."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +364,21 @@ def host_variables(
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
         "docroot": root + DOCROOT,
+        "node_exporter_port": NODE_EXPORTER_PORT,
+        "haproxy_metrics_port": HAPROXY_METRICS_PORT,
+        "metrics_script": root + METRICS_SCRIPT,
+        "event_hook": root + EVENT_HOOK,
+        "alert_url_file": root + ALERT_URL_FILE,
+        "alert_webhook_url": secrets.alert_webhook_url,
+        "alert_attempts": ALERT_ATTEMPTS,
+        "alert_timeout": ALERT_TIMEOUT,
+        "state_dir": root + STATE_DIR,
+        "textfile_dir": root + TEXTFILE_DIR,
+        "keepalived_pid_file": root + "/run/keepalived.pid",
+        "cert_glob": root + CERT_GLOB,
+        "reboot_flag": root + "/run/reboot-required",
+        "metrics_interval": METRICS_INTERVAL,
+        "ops_log_file": layout.ops_log_file,
     }
 
 

@@ -41,7 +41,7 @@ def test_steps_connect_to_the_servers_the_provider_reported() -> None:
 def test_steps_carry_the_provider_facts_and_their_dependencies() -> None:
     plan = steps()
     keepalived = plan["hcloud-ha-web-lb2-keepalived"]
-    assert keepalived.after == ("hcloud-ha-web-lb1-keepalived", "hcloud-ha-web-lb2-failover")
+    assert keepalived.after == ("hcloud-ha-web-lb1-keepalived", "hcloud-ha-web-lb2-ops")
     assert plan["hcloud-ha-web-web1-base"].after == ()
     # the failover script is rendered with the ids the provider gave
     failover = plan["hcloud-ha-web-lb2-failover"]
