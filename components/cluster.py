@@ -291,6 +291,7 @@ class HaWebCluster(pulumi.ComponentResource):
             stats_password=self.stats_password,
             vrrp_password=self.vrrp_password,
             depends_on=[self.floating_ip_assignment, self.subnet],
+            alert_webhook_url=stack.secrets.alert_webhook_url,
         )
 
         self.register_outputs(

@@ -144,6 +144,8 @@ class SecretInputs:
     failover_token: pulumi.Output[str]
     stats_password: pulumi.Output[str] | None = None
     vrrp_password: pulumi.Output[str] | None = None
+    alert_webhook_url: pulumi.Output[str] | None = None
+    """`alertWebhookUrl`: where the LBs POST alerts (JSON); None: no alerts."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,22 @@ def parse_ssh_public_key(value: str) -> str:
         raise SettingsError("sshPublicKey", value, f"the key data is not valid; {fix}") from None
     _check(embedded == key_type, "sshPublicKey", value, f"key data does not match type; {fix}")
     return key_type
+
+
+# No whitespace, quotes or backslash: the URL goes into a file read by the event hook.
+_WEBHOOK_RE = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&()*+,;=:@%/?-]*)?"
+)
+
+
+def check_alert_webhook_url(value: str) -> None:
+    """Raise SettingsError (without echoing the secret URL) unless it is a plain http(s) URL."""
+    _check(
+        _WEBHOOK_RE.fullmatch(value) is not None,
+        "alertWebhookUrl",
+        "<secret, not shown>",
+        "give an http(s) URL without spaces or quotes, e.g. https://hooks.example.com/T0KEN",
+    )
 
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
@@ -458,11 +476,15 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
         "pulumi config set --secret failoverToken <token> (or set hcloud:token)",
     )
     assert ssh_private_key is not None and failover_token is not None
+    webhook = cfg.get("alertWebhookUrl")
+    if webhook is not None and webhook.strip():
+        check_alert_webhook_url(webhook.strip())
     secrets = SecretInputs(
         ssh_private_key=ssh_private_key,
         failover_token=failover_token,
         stats_password=_get_secret(cfg, "statsPassword"),
         vrrp_password=_get_secret(cfg, "vrrpPassword"),
+        alert_webhook_url=_get_secret(cfg, "alertWebhookUrl"),
     )
     return StackConfig(settings=settings, secrets=secrets)
 

@@ -181,6 +181,7 @@ def provision_cluster(
     stats_password: pulumi.Output[str],
     vrrp_password: pulumi.Output[str],
     depends_on: Sequence[pulumi.Resource],
+    alert_webhook_url: pulumi.Output[str] | None = None,
 ) -> Mapping[str, Sequence[pulumi.Resource]]:
     """Create the remote steps of every server; returns them per server, in order.
 
@@ -200,12 +201,18 @@ def provision_cluster(
         stats_password,
         vrrp_password,
         stack.secrets.failover_token,
+        alert_webhook_url if alert_webhook_url is not None else "",
     ).apply(
         lambda v: {
             h: plan_host(
                 settings,
                 ClusterFacts(floating_ip=v[0], floating_ip_id=int(v[1]), server_ids=v[2]),
-                RenderSecrets(stats_password=v[3], vrrp_password=v[4], failover_token=v[5]),
+                RenderSecrets(
+                    stats_password=v[3],
+                    vrrp_password=v[4],
+                    failover_token=v[5],
+                    alert_webhook_url=v[6].strip(),
+                ),
                 h,
             )
             for h in hosts

@@ -220,9 +220,9 @@ DAEMONS: tuple[DaemonSpec, ...] = (
             f"python3 -m py_compile $STAGE{{root}}{METRICS_SCRIPT}"
             f" && python3 -m py_compile $STAGE{{root}}{EVENT_HOOK}"
             f" && rm -rf $STAGE{{root}}{Path(METRICS_SCRIPT).parent}/__pycache__"
-            " && grep -q '^ExecStart=/' $STAGE{root}/etc/systemd/system/hcloud-ha-web-metrics.service"
-            " && grep -q '^OnUnitActiveSec=[0-9]' "
-            "$STAGE{root}/etc/systemd/system/hcloud-ha-web-metrics.timer"
+            " && units=$STAGE{root}/etc/systemd/system"
+            " && grep -q '^ExecStart=/' $units/hcloud-ha-web-metrics.service"
+            " && grep -q '^OnUnitActiveSec=[0-9]' $units/hcloud-ha-web-metrics.timer"
         ),
         activate=(
             f"{METRICS_SCRIPT} collect && systemctl daemon-reload"

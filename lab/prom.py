@@ -39,7 +39,9 @@ def parse(text: str) -> list[Sample]:
 def value(samples: list[Sample], name: str, **labels: str) -> float | None:
     """The one sample named ``name`` whose labels include ``labels`` (None if absent)."""
     found = [
-        s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        s
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     ]
     if len(found) > 1:
         raise LabError(f"{len(found)} samples match {name}{labels}")

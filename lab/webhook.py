@@ -8,6 +8,7 @@ accept and never answer (a webhook that blackholes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import socket
@@ -68,12 +69,9 @@ class WebhookReceiver:
                 with self._lock:
                     held.append(conn)  # never answered; see release()
                 continue
-            with conn:
+            with conn, contextlib.suppress(OSError, ValueError):
                 conn.settimeout(2.0)
-                try:
-                    self._answer(conn, fail)
-                except (OSError, ValueError):
-                    pass
+                self._answer(conn, fail)
         self.release()
 
     def release(self) -> None:

@@ -12,7 +12,6 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -207,10 +206,17 @@ def test_failover_outcome_and_certificate_expiry_reach_prometheus(cluster: LabCl
         assert duration == pytest.approx(2.5, abs=0.01)
         assert prom.value(node, "hcloud_ha_web_failover_api_auth", state="refused") == 1
     finally:
-        for p in (certs / "k.key", certs / "site.pem", root / STATE_DIR.lstrip("/") / "failover-state.json"):
+        for p in (
+            certs / "k.key",
+            certs / "site.pem",
+            root / STATE_DIR.lstrip("/") / "failover-state.json",
+        ):
             p.unlink(missing_ok=True)  # fmt: skip
         run_on_lb(cluster, "lb2", METRICS_SCRIPT, "collect")
-    assert prom.value(node_metrics(cluster, "lb2"), "hcloud_ha_web_cert_expiry_timestamp_seconds") is None
+    assert (
+        prom.value(node_metrics(cluster, "lb2"), "hcloud_ha_web_cert_expiry_timestamp_seconds")
+        is None
+    )
 
 
 def test_webhook_retries_then_delivers_and_never_logs_the_url(

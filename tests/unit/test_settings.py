@@ -28,7 +28,13 @@ from tests.conftest import (
     valid_config,
 )
 
-SECRET_CONFIG_KEYS = {"sshPrivateKey", "failoverToken", "statsPassword", "vrrpPassword"}
+SECRET_CONFIG_KEYS = {
+    "sshPrivateKey",
+    "failoverToken",
+    "statsPassword",
+    "vrrpPassword",
+    "alertWebhookUrl",
+}
 #: Every config key the program reads (config.py's own tables plus its secret keys).
 ALL_KEYS = (
     set(cfgmod._STR_FIELDS)
