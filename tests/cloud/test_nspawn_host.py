@@ -189,13 +189,17 @@ def test_only_the_mirror_is_reachable(cloud: Cloud) -> None:
     mirror_ip = socket.gethostbyname(mirror_host)  # resolved here, in the root namespace
     h = cloud.hosts["deb13"]
     direct = h.ssh(f"curl -sS -m 5 -o /dev/null http://{mirror_ip}/", check=False)
-    assert direct.returncode != 0, "host reached the mirror directly: it must have no route out"
+    # curl ran and could not connect (exit 7: no route), not "curl missing" (127) or a
+    # timeout (28) that a half-open route would also give.
+    assert direct.returncode == 7, f"host must have no route out: {direct}"
     other = h.ssh(
         "curl -s -m 10 -o /dev/null -w '%{http_code}' -x http://127.0.0.1:3142 http://example.org/",
         check=False,
     )
     assert other.stdout.strip() == "403", f"proxy let a non-mirror host through: {other}"
-    assert h.ssh(f"getent hosts {mirror_host}", check=False).returncode != 0, "DNS works inside?"
+    # getent exits 2 for "no such key": it ran and found no answer (127 would mean missing).
+    resolved = h.ssh(f"getent hosts {mirror_host}", check=False)
+    assert resolved.returncode == 2, f"DNS must not resolve inside: {resolved}"
 
 
 def test_apt_install_haproxy_from_mirror(cloud: Cloud, bench: Bench) -> None:

@@ -99,8 +99,17 @@ def role(name: str) -> str:
 def lifecycle_lines(c: CloudCluster, name: str, since: float) -> list[str]:
     """systemd start/stop/reload lines of the daemons of ``name`` since ``since`` (epoch)."""
     units = " ".join(f"-u {u}" for u in UNITS_BY_ROLE[role(name)])
-    out = c.ssh(name, f"journalctl -q --no-pager -o cat --since @{since:.3f} {units}", check=False)
-    return [ln for ln in out.splitlines() if ln.startswith(LIFECYCLE_WORDS)]
+    # The whole journal of the units, filtered here: it always holds their first start, so
+    # an empty answer means the read failed, never "nothing happened since".
+    out = c.ssh(name, f"journalctl -q --no-pager -o short-unix {units}")
+    assert out.strip(), f"{name}: no journal at all for {units}: the read did not work"
+    lines = []
+    for entry in out.splitlines():
+        stamp, _, rest = entry.partition(" ")
+        message = rest.split(": ", 1)[-1]
+        if float(stamp) >= since and message.startswith(LIFECYCLE_WORDS):
+            lines.append(message)
+    return lines
 
 
 def file_digest(c: CloudCluster, name: str, path: str) -> str:
@@ -142,6 +151,9 @@ def add_to_frontend(line: str) -> Callable[[str], str]:
 
 def response_headers(c: CloudCluster) -> str:
     r = c.lab.client.run(["curl", "-sS", "-m", "3", "-D", "-", "-o", "/dev/null", c.url])
+    status = r.stdout.split("\r\n", 1)[0]
+    # A header's absence only means something on a real answer from the site.
+    assert status.split()[1:2] == ["200"], f"site answered {status!r}"
     return r.stdout
 
 

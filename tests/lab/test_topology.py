@@ -24,6 +24,7 @@ from lab.netns import (
     netns_pids,
     requirements_missing,
 )
+from lab.probe import tcp_probe
 from lab.topology import (
     CLIENT_IP,
     FLOATING_IP,
@@ -109,15 +110,21 @@ def test_hosts_reach_each_other_on_the_private_network(lab_net: LabNetwork) -> N
         for dst in private:
             if src is not dst:
                 assert dst.private_ip is not None
-                src.run(["ping", "-c", "1", "-W", "1", "-q", dst.private_ip], timeout=5)
+                probe = src.call(tcp_probe, dst.private_ip, timeout=5)
+                assert probe.reached, f"{src.name} -> {dst.name}: {probe}"
 
 
 @pytest.mark.lab
 def test_client_cannot_reach_the_private_network(lab_net: LabNetwork) -> None:
     web_ip = lab_net.webs[0].private_ip
     assert web_ip is not None
-    proc = lab_net.client.run(["ping", "-c", "1", "-W", "1", "-q", web_ip], check=False)
-    assert proc.returncode != 0
+    # The same probe reaches the client's own side (an LB's public address): it runs.
+    lb_public = lab_net["lb1"].public_ip
+    assert lb_public is not None
+    assert lab_net.client.call(tcp_probe, lb_public, timeout=5).reached
+    probe = lab_net.client.call(tcp_probe, web_ip, timeout=5)
+    # No route at all, as on Hetzner: the kernel says so at once (not a mere timeout).
+    assert probe.outcome == "unreachable", probe
 
 
 @pytest.mark.lab
@@ -172,14 +179,20 @@ def test_gratuitous_arp_does_not_move_floating_ip_traffic(
 def test_link_down_makes_a_host_vanish_and_link_up_brings_it_back(
     lab_net: LabNetwork, listeners: Callable[..., object], curl_fip: Callable[..., str]
 ) -> None:
-    listeners(lab_net["lb1"])
+    port = listeners(lab_net["lb1"]).port
+    lb1_ip = lab_net["lb1"].private_ip
+    assert lb1_ip is not None
+    assert lab_net["web1"].call(tcp_probe, lb1_ip, timeout=5).reached
+    assert lab_net.client.call(tcp_probe, FLOATING_IP, port, timeout=5).outcome == "connected"
     lab_net.link_down("lb1")
-    assert curl_fip(lab_net, timeout=0.5) == ""
-    web_ip = lab_net["lb1"].private_ip
-    assert web_ip is not None
-    assert lab_net["web1"].run(["ping", "-c1", "-W1", "-q", web_ip], check=False).returncode != 0
+    # The client's connection to the floating IP gets no answer at all (not a refusal).
+    to_fip = lab_net.client.call(tcp_probe, FLOATING_IP, port, 0.5, timeout=5)
+    assert to_fip.outcome in ("timeout", "unreachable"), to_fip
+    probe = lab_net["web1"].call(tcp_probe, lb1_ip, timeout=5)
+    assert probe.outcome in ("timeout", "unreachable"), probe
     lab_net.link_up("lb1")
     assert curl_fip(lab_net) == "lb1"
+    assert lab_net["web1"].call(tcp_probe, lb1_ip, timeout=5).reached
 
 
 @pytest.mark.lab
