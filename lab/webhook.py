@@ -26,6 +26,9 @@ class WebhookReceiver:
         # The path stands for the token a real webhook URL carries: it must never be logged.
         self.path = "/hook/" + secrets.token_hex(12)
         self.posts: list[dict[str, Any]] = []
+        """Requests answered 2xx, in order."""
+        self.attempts: list[dict[str, Any]] = []
+        """Every request read, answered 500 or not."""
         self.requests = 0
         self.fail_first = 0
         self.hang = False
@@ -100,11 +103,11 @@ class WebhookReceiver:
                 break
         request_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
         status = b"500 Internal Server Error" if fail else b"204 No Content"
-        if not fail:
-            with self._lock:
-                self.posts.append(
-                    {"request": request_line, "body": json.loads(body or b"{}"), "ts": time.time()}
-                )
+        post = {"request": request_line, "body": json.loads(body or b"{}"), "ts": time.time()}
+        with self._lock:
+            self.attempts.append(post)
+            if not fail:
+                self.posts.append(post)
         conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
     def close(self) -> None:
