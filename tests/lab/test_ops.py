@@ -9,6 +9,7 @@ and follow the cluster's state; from the public side nothing answers on their po
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from components.render import (
     STATE_DIR,
 )
 from lab import prom
-from lab.cluster import LabCluster, wait_for
+from lab.cluster import REPO_ROOT, LabCluster, wait_for
 from lab.netns import Host, requirements_missing
 from lab.probe import tcp_probe
 from lab.topology import FLOATING_IP, LB_NAMES, LB_PUBLIC_IPS, LabNetwork
@@ -61,6 +62,14 @@ def cluster(env: tuple[LabCluster, WebhookReceiver]) -> Iterator[LabCluster]:
             c.start_haproxy(name)
             wait_for(lambda n=name: c.haproxy_healthy(n), 10, f"haproxy on {name}")
     c.wait_settled(20)
+
+
+def readme_metrics() -> set[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## Monitoring and alerts", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"\b(?:hcloud_ha_web|haproxy)_[a-z_]+\b", section))
+    assert len(names) >= 9, names
+    return names
 
 
 def scraper_for(c: LabCluster, target: str) -> Host:
@@ -206,6 +215,9 @@ def test_failover_outcome_and_certificate_expiry_reach_prometheus(cluster: LabCl
         duration = prom.value(node, "hcloud_ha_web_failover_last_claim_duration_seconds")
         assert duration == pytest.approx(2.5, abs=0.01)
         assert prom.value(node, "hcloud_ha_web_failover_api_auth", state="refused") == 1
+        # Every metric the README names (table, alert rules) exists on a live LB.
+        present = {s.name for s in [*node, *haproxy_metrics(cluster, "lb2")]}
+        assert readme_metrics() - present == set()
     finally:
         for p in (
             certs / "k.key",
