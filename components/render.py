@@ -379,6 +379,7 @@ def host_variables(
         "reboot_flag": root + "/run/reboot-required",
         "metrics_interval": METRICS_INTERVAL,
         "ops_log_file": layout.ops_log_file,
+        "haproxy_socket": root + "/run/haproxy/admin.sock",
     }
 
 
