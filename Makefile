@@ -5,11 +5,13 @@ PY := $(VENV)/bin/python
 STACK ?= dev
 export STACK
 
-.PHONY: help venv system-deps up preview destroy test test-unit test-render lab cloud bench e2e clean
+.PHONY: help venv system-deps up preview destroy status ssh test test-unit test-render lab cloud bench e2e clean
 
 help:
 	@echo "make up | preview | destroy   pulumi on stack $(STACK) (local file state by default)"
 	@echo "make test                     every tier: unit, render+check, lab, local cloud"
+	@echo "make status [ARGS=--json]     is the live cluster healthy? (exit 1 naming what is wrong)"
+	@echo "make ssh HOST=lb1             log in as root with the stack's key"
 	@echo "make lab | cloud | bench | e2e | lint"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -25,6 +27,13 @@ system-deps:
 
 up preview destroy: venv
 	./scripts/pulumi-stack.sh $@
+
+status: venv
+	$(PY) -m ops.status --stack $(STACK) $(ARGS)
+
+ssh: venv
+	@test -n "$(HOST)" || { echo "usage: make ssh HOST=lb1" >&2; exit 2; }
+	$(PY) -m ops.ssh --stack $(STACK) $(HOST)
 
 test: venv system-deps
 	$(PY) -m pytest

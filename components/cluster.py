@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import pulumi
 import pulumi_hcloud as hcloud
 import pulumi_random as random
+import pulumi_tls as tls
 
 from components.config import StackConfig
 from components.provision import provision_cluster
@@ -109,6 +110,8 @@ class HaWebCluster(pulumi.ComponentResource):
     stats_url: pulumi.Output[str]
     stats_password: pulumi.Output[str]
     vrrp_password: pulumi.Output[str]
+    ssh_public_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Output[str]
 
     def __init__(
         self,
@@ -153,6 +156,20 @@ class HaWebCluster(pulumi.ComponentResource):
             ).result
         )
         self.stats_user = s.stats_user
+        # SSH: the configured pair, or an ED25519 pair generated once and kept in the state
+        # (pulumi-tls marks the private halves secret outputs).
+        self.generated_ssh_key: tls.PrivateKey | None = None
+        if stack.secrets.ssh_private_key is not None:
+            self.ssh_public_key = pulumi.Output.from_input(s.ssh_public_key)
+            self.ssh_private_key = pulumi.Output.secret(stack.secrets.ssh_private_key)
+        else:
+            self.generated_ssh_key = tls.PrivateKey(
+                f"{name}-ssh-key",
+                tls.PrivateKeyArgs(algorithm="ED25519"),
+                opts=child(),
+            )
+            self.ssh_public_key = self.generated_ssh_key.public_key_openssh.apply(str.strip)
+            self.ssh_private_key = pulumi.Output.secret(self.generated_ssh_key.private_key_openssh)
 
         # --- network -----------------------------------------------------------------
         self.network = hcloud.Network(
@@ -213,7 +230,7 @@ class HaWebCluster(pulumi.ComponentResource):
         self.ssh_key = hcloud.SshKey(
             f"{name}-ssh",
             name=f"{cluster}-admin",
-            public_key=s.ssh_public_key,
+            public_key=self.ssh_public_key,
             labels=labels("admin"),
             opts=child(),
         )
@@ -292,6 +309,7 @@ class HaWebCluster(pulumi.ComponentResource):
             vrrp_password=self.vrrp_password,
             depends_on=[self.floating_ip_assignment, self.subnet],
             alert_webhook_url=stack.secrets.alert_webhook_url,
+            ssh_private_key=self.ssh_private_key,
         )
 
         self.register_outputs(
@@ -304,6 +322,8 @@ class HaWebCluster(pulumi.ComponentResource):
                 "server_id": self.server_id,
                 "stats_user": self.stats_user,
                 "stats_password": self.stats_password,
+                "ssh_public_key": self.ssh_public_key,
+                "ssh_private_key": self.ssh_private_key,
             }
         )
 

@@ -62,10 +62,11 @@ class SettingsError(ValueError):
 class Settings:
     """Every setting of one stack. Field names map to camelCase config keys."""
 
-    ssh_public_key: str
-    """`sshPublicKey` (required): OpenSSH public key installed for root on every server."""
     admin_cidrs: tuple[str, ...]
     """`adminCidrs` (required): CIDRs allowed to reach SSH (22) on every server."""
+    ssh_public_key: str = ""
+    """`sshPublicKey`: OpenSSH public key installed for root on every server. Empty: the
+    program generates an ED25519 key pair (kept secret in the state, public half exported)."""
     location: str = "nbg1"
     """`location`: Hetzner location; decides the network zone (see NETWORK_ZONES)."""
     server_type: str = "cx23"
@@ -140,7 +141,8 @@ class Settings:
 class SecretInputs:
     """Secret config values, kept as Pulumi secrets. None means: generate one."""
 
-    ssh_private_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Output[str] | None
+    """`sshPrivateKey`; None (with an empty sshPublicKey): generate a key pair."""
     failover_token: pulumi.Output[str]
     stats_password: pulumi.Output[str] | None = None
     vrrp_password: pulumi.Output[str] | None = None
@@ -240,7 +242,8 @@ def validate(s: Settings) -> None:
         s.web_count,
         f"use a whole number from 1 to {MAX_WEB_SERVERS}",
     )
-    parse_ssh_public_key(s.ssh_public_key)
+    if s.ssh_public_key:
+        parse_ssh_public_key(s.ssh_public_key)
     _check(
         len(s.admin_cidrs) > 0,
         "adminCidrs",
@@ -394,7 +397,7 @@ _LIST_FIELDS = {
     "lbPrivateIps": "lb_private_ips",
     "webPrivateIps": "web_private_ips",
 }
-REQUIRED_KEYS = ("sshPublicKey", "adminCidrs")
+REQUIRED_KEYS = ("adminCidrs",)
 
 
 def settings_from_values(get: Callable[[str], Any]) -> Settings:
@@ -403,7 +406,7 @@ def settings_from_values(get: Callable[[str], Any]) -> Settings:
     for key in REQUIRED_KEYS:
         value = get(key)
         _check(value not in (None, "", []), key, value, f"set it: pulumi config set {key} ...")
-    kwargs["ssh_public_key"] = str(get("sshPublicKey"))
+    kwargs["ssh_public_key"] = str(get("sshPublicKey") or "").strip()
     for key, attr in _STR_FIELDS.items():
         value = get(key)
         if value is not None:
@@ -459,11 +462,20 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
 
     settings = settings_from_values(get)
     ssh_private_key = _get_secret(cfg, "sshPrivateKey")
+    # Both halves or neither (then the program generates a pair).
     _check(
-        ssh_private_key is not None,
+        ssh_private_key is not None or not settings.ssh_public_key,
         "sshPrivateKey",
         None,
-        "set it: pulumi config set --secret sshPrivateKey < ~/.ssh/id_ed25519",
+        "sshPublicKey is set, so set its private half too: pulumi config set --secret "
+        "sshPrivateKey < ~/.ssh/id_ed25519 (or unset sshPublicKey to get a generated pair)",
+    )
+    _check(
+        ssh_private_key is None or bool(settings.ssh_public_key),
+        "sshPublicKey",
+        "",
+        "sshPrivateKey is set, so set its public half too: pulumi config set sshPublicKey "
+        '"$(cat ~/.ssh/id_ed25519.pub)" (or unset sshPrivateKey to get a generated pair)',
     )
     failover_token = _get_secret(cfg, "failoverToken") or _get_secret(
         pulumi.Config("hcloud"), "token"
@@ -475,7 +487,7 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
         "set a Hetzner API token for the failover script: "
         "pulumi config set --secret failoverToken <token> (or set hcloud:token)",
     )
-    assert ssh_private_key is not None and failover_token is not None
+    assert failover_token is not None
     webhook = cfg.get("alertWebhookUrl")
     if webhook is not None and webhook.strip():
         check_alert_webhook_url(webhook.strip())

@@ -182,6 +182,7 @@ def provision_cluster(
     vrrp_password: pulumi.Output[str],
     depends_on: Sequence[pulumi.Resource],
     alert_webhook_url: pulumi.Output[str] | None = None,
+    ssh_private_key: pulumi.Output[str] | None = None,
 ) -> Mapping[str, Sequence[pulumi.Resource]]:
     """Create the remote steps of every server; returns them per server, in order.
 
@@ -226,7 +227,9 @@ def provision_cluster(
         connection = remote.ConnectionArgs(
             host=servers[host].ipv4_address,
             user="root",
-            private_key=stack.secrets.ssh_private_key,
+            private_key=ssh_private_key
+            if ssh_private_key is not None
+            else stack.secrets.ssh_private_key,
             dial_error_limit=30,  # a new server needs a while before sshd answers
             per_dial_timeout=10,
         )

@@ -16,9 +16,11 @@ The unit tests and the local cloud tier both run the program this way:
 
 from __future__ import annotations
 
+import base64
 import itertools
 import runpy
 import string
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND_TYPE = "command:remote:Command"
 SERVER_TYPE = "hcloud:index/server:Server"
 FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
+TLS_PRIVATE_KEY_TYPE = "tls:index/privateKey:PrivateKey"
 
 T = TypeVar("T")
 
@@ -85,6 +88,10 @@ class Mocks(pulumi.runtime.Mocks):
         elif args.typ == "hcloud:index/networkSubnet:NetworkSubnet":
             # The provider's subnet id is "<network id>-<ip range>".
             rid = f"{args.inputs['networkId']}-{args.inputs['ipRange']}"
+        elif args.typ == TLS_PRIVATE_KEY_TYPE:
+            public, private = generated_ssh_key(args.name)
+            outputs["publicKeyOpenssh"] = public + "\n"  # the provider ends it with a newline
+            outputs["privateKeyOpenssh"] = private
         elif args.typ == "random:index/randomPassword:RandomPassword":
             outputs["result"] = generated_password(
                 args.name, int(args.inputs["length"]), bool(args.inputs.get("special", True))
@@ -93,6 +100,18 @@ class Mocks(pulumi.runtime.Mocks):
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
         return {}, None
+
+
+def generated_ssh_key(name: str) -> tuple[str, str]:
+    """A deterministic ED25519-shaped OpenSSH pair standing in for pulumi-tls's."""
+    seed = bytes((sum(map(ord, name)) + i) % 256 for i in range(32))
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + seed
+    private = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+        + base64.b64encode(b"generated:" + seed).decode()
+        + "\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()}", private
 
 
 def generated_password(name: str, length: int, special: bool) -> str:

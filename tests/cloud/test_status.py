@@ -131,9 +131,7 @@ def test_a_stopped_web_server_is_named(cluster: CloudCluster) -> None:
 
 def test_a_failed_unit_is_named(cluster: CloudCluster) -> None:
     # a oneshot start waits for the process, so systemd-run itself reports the failure
-    cluster.ssh(
-        "web1", "! systemd-run -q --unit=hcloud-ha-web-broken -p Type=oneshot /bin/false"
-    )
+    cluster.ssh("web1", "! systemd-run -q --unit=hcloud-ha-web-broken -p Type=oneshot /bin/false")
     try:
         wait_for(
             lambda: "failed" in cluster.ssh("web1", "systemctl is-failed hcloud-ha-web-broken "
