@@ -1,11 +1,14 @@
 """Local cloud tier: real Debian systemd hosts (systemd-nspawn) in lab network namespaces.
 
-``lab.cloud.rootfs`` builds and caches the Debian 12/13 images (debootstrap),
-``lab.cloud.nspawn`` boots them as hosts inside existing network namespaces
-(:class:`CloudLab`, :class:`CloudHost`).  See the module docstrings for the
-pitfalls of this machine and how they are handled.
+``lab.cloud.rootfs`` builds and caches the Debian 12/13 images (debootstrap);
+``lab.cloud.lab`` (:class:`CloudLab`: prefix, key pair, mirror proxy, teardown) and
+``lab.cloud.host`` (:class:`CloudHost`) boot them as hosts inside existing network
+namespaces; ``lab.cloud.proxy`` is their only way out (apt to the Debian mirror),
+``lab.cloud.cgroups`` their cgroups where PID 1 is not systemd, ``lab.cloud.cleanup``
+removes what a crashed run left.  See the module docstrings for the pitfalls of this
+machine and how they are handled.
 
-Names are imported lazily, so ``python -m lab.cloud.nspawn`` / ``python -m
+Names are imported lazily, so ``python -m lab.cloud.cleanup`` / ``python -m
 lab.cloud.rootfs`` run their module without importing it twice.
 """
 
@@ -15,19 +18,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lab.cloud.nspawn import (
-        BootTiming,
-        CloudError,
-        CloudHost,
-        CloudInterrupted,
-        CloudLab,
-        MirrorProxy,
-        cleanup_prefix,
-        detect_mode,
-        leftovers,
-        parallel,
-        requirements_missing,
-    )
+    from lab.cloud.cleanup import cleanup_prefix, leftovers
+    from lab.cloud.common import CloudError, CloudInterrupted, detect_mode, requirements_missing
+    from lab.cloud.host import BootTiming, CloudHost
+    from lab.cloud.lab import CloudLab, parallel
+    from lab.cloud.proxy import MirrorProxy
     from lab.cloud.rootfs import (
         PACKAGES,
         ROOTFS_VERSION,
@@ -41,22 +36,14 @@ if TYPE_CHECKING:
     )
 
 _WHERE = {
+    **dict.fromkeys(("cleanup_prefix", "leftovers"), "lab.cloud.cleanup"),
     **dict.fromkeys(
-        (
-            "BootTiming",
-            "CloudError",
-            "CloudHost",
-            "CloudInterrupted",
-            "CloudLab",
-            "MirrorProxy",
-            "cleanup_prefix",
-            "detect_mode",
-            "leftovers",
-            "parallel",
-            "requirements_missing",
-        ),
-        "lab.cloud.nspawn",
+        ("CloudError", "CloudInterrupted", "detect_mode", "requirements_missing"),
+        "lab.cloud.common",
     ),
+    **dict.fromkeys(("BootTiming", "CloudHost"), "lab.cloud.host"),
+    **dict.fromkeys(("CloudLab", "parallel"), "lab.cloud.lab"),
+    "MirrorProxy": "lab.cloud.proxy",
     **dict.fromkeys(
         (
             "PACKAGES",

@@ -22,7 +22,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
-from lab.cloud.nspawn import CloudError, CloudHost
+from lab.cloud.common import CloudError
+from lab.cloud.host import CloudHost
 from lab.program import RemoteStep
 
 Status = Literal["ran", "failed", "unchanged", "not run"]

@@ -2,7 +2,7 @@
 
 ``CloudCluster(image="debian-13")`` builds the lab topology (`lab.topology.LabNetwork`,
 without pre-set floating IPs: provisioning adds them), starts the fake Hetzner API, and
-boots one systemd-nspawn host (`lab.cloud.nspawn`) inside each server's namespace: lb1,
+boots one systemd-nspawn host (`lab.cloud.host`) inside each server's namespace: lb1,
 lb2 and the web servers, all from the image the settings name.
 
 :meth:`plan` runs the Pulumi program (`__main__.py`) under mocks whose servers are these
@@ -26,7 +26,9 @@ from typing import Any
 from components.config import PROJECT, Settings, settings_to_config
 from lab import topology as topo
 from lab.cloud.apply import ApplyResult, apply
-from lab.cloud.nspawn import BootTiming, CloudError, CloudHost, CloudLab, Log, parallel
+from lab.cloud.common import CloudError, Log
+from lab.cloud.host import BootTiming, CloudHost
+from lab.cloud.lab import CloudLab, parallel
 from lab.cluster import ClusterView, lab_settings, wait_for
 from lab.fake_hcloud import FakeApi, launch
 from lab.program import ProviderFacts, RemoteStep, program_steps

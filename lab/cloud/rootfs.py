@@ -14,7 +14,7 @@ steps touch, without cloud-init):
 * ``/etc/apt/sources.list`` with ``<suite>``, ``<suite>-updates`` and
   ``<suite>-security`` from the mirror this machine's apt uses;
 * no SSH host keys, an empty ``/etc/machine-id`` and no dbus machine id
-  (every host gets its own at boot time, see :mod:`lab.cloud.nspawn`);
+  (every host gets its own at boot time, see :mod:`lab.cloud.host`);
 * docs/man pages excluded by dpkg (smaller, faster installs), apt without
   translations, apt's daily timers masked (they would grab the dpkg lock at a
   random moment during a test run; the steps still use apt's lock timeout).

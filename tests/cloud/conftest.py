@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from lab.cloud.nspawn import new_prefix, requirements_missing
+from lab.cloud.common import new_prefix, requirements_missing
 from lab.cloud.rootfs import apt_mirror, mirror_reachable
 
 NETNS_DIR = Path("/run/netns")

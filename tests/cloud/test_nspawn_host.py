@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from lab.cloud.nspawn import CloudHost, CloudLab, leftovers, parallel
+from lab.cloud.cleanup import leftovers
+from lab.cloud.host import CloudHost
+from lab.cloud.lab import CloudLab, parallel
 from lab.cloud.rootfs import build_all, suite_of
 
 if TYPE_CHECKING:  # conftest is loaded by pytest; importing it again would duplicate its state

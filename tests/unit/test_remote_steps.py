@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from lab.cloud.apply import apply, changed
-from lab.cloud.nspawn import CloudError
+from lab.cloud.common import CloudError
 from lab.program import ProviderFacts, RemoteStep, program_steps
 from tests.conftest import valid_config
 
