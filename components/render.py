@@ -33,7 +33,7 @@ TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 DOCROOT = "/var/www/hcloud-ha-web"
 # Observability (issue 16): exporters listen on the private address only.
 NODE_EXPORTER_PORT = 9100
-HAPROXY_METRICS_PORT = 8404
+HAPROXY_METRICS_PORT = 9101  # not 8404: the HTTPS work uses 127.0.0.1:8404 for the stats page
 METRICS_SCRIPT = "/usr/local/sbin/hcloud-ha-web-metrics"
 EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
 ALERT_URL_FILE = "/etc/hcloud-ha-web/alert-webhook-url"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lab.cloud.cluster import CloudCluster
-from lab.cloud.nspawn import CloudError
+from lab.cloud.common import CloudError
 from lab.cluster import wait_for
 from lab.topology import FLOATING_IP, FLOATING_IP_ID, LB_NAMES, LB_PRIVATE_IPS, LB_SERVER_IDS
 from ops.stack import Result, StackOutputs
