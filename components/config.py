@@ -32,6 +32,51 @@ NETWORK_ZONES: Mapping[str, str] = {
     "sin": "ap-southeast",
 }
 
+#: Server types per location and CPU architecture, with memory (MiB) for sizing HAProxy's
+#: connection limit. Source: Hetzner Cloud server overview
+#: (https://docs.hetzner.com/cloud/servers/overview, locations and types as listed there on
+#: 2026-11-27): CX (shared Intel/AMD, gen 3) and CAX (Ampere Arm) only in the EU
+#: locations, CPX (shared AMD) and CCX (dedicated AMD) everywhere. When Hetzner adds
+#: a type, set `allowUnlistedServerType: true` (and extend this table in a change).
+_EU = ("fsn1", "nbg1", "hel1")
+_ALL = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+
+
+@dataclass(frozen=True)
+class ServerTypeInfo:
+    architecture: str  # "x86" or "arm", as the Hetzner API names them
+    memory_mib: int
+    locations: tuple[str, ...]
+
+
+SERVER_TYPES: Mapping[str, ServerTypeInfo] = {
+    **{
+        f"cx{n}3": ServerTypeInfo("x86", mem, _EU)
+        for n, mem in ((2, 4096), (3, 8192), (4, 16384), (5, 32768))
+    },
+    **{
+        f"cax{n}1": ServerTypeInfo("arm", mem, _EU)
+        for n, mem in ((1, 4096), (2, 8192), (3, 16384), (4, 32768))
+    },
+    **{
+        f"cpx{n}1": ServerTypeInfo("x86", mem, _ALL)
+        for n, mem in ((1, 2048), (2, 4096), (3, 8192), (4, 16384), (5, 32768))
+    },
+    **{
+        f"ccx{n}3": ServerTypeInfo("x86", mem, _ALL)
+        for n, mem in ((1, 8192), (2, 16384), (3, 32768), (4, 65536), (5, 131072), (6, 196608))
+    },
+}
+#: Images the templates are written for, and the architectures Hetzner offers them in.
+IMAGES: Mapping[str, tuple[str, ...]] = {"debian-12": ("x86", "arm"), "debian-13": ("x86", "arm")}
+#: Memory assumed for a type the table does not list (allowUnlistedServerType): the smallest.
+UNLISTED_MEMORY_MIB = 2048
+#: Hetzner cloud networks must lie in RFC 1918 space and be /24 or larger.
+RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+NETWORK_MAX_PREFIX = 24
+#: Benchmark addresses (RFC 2544) the lab uses; only `Settings(lab=True)` accepts them.
+LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
+
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn")
 COOKIE_MODES = ("prefix", "insert")
 SSH_KEY_TYPES = (
@@ -55,7 +100,15 @@ class SettingsError(ValueError):
     def __init__(self, key: str, value: object, fix: str) -> None:
         self.key = key
         self.value = value
-        super().__init__(f"config '{PROJECT}:{key}' = {value!r} is invalid: {fix}")
+        shown = value if isinstance(value, _Hidden) else repr(value)
+        super().__init__(f"config '{PROJECT}:{key}' = {shown} is invalid: {fix}")
+
+
+class _Hidden(str):
+    """Stands in for a secret value in an error message."""
+
+
+HIDDEN = _Hidden("<secret, not shown>")
 
 
 @dataclass(frozen=True)
@@ -109,9 +162,24 @@ class Settings:
     """`haproxyCheckRise`: passed checks before a web server is marked up again."""
     cluster_name: str = PROJECT
     """`clusterName`: prefix of resource names and the `cluster` label."""
+    allow_unlisted_server_type: bool = False
+    """`allowUnlistedServerType`: accept a serverType missing from SERVER_TYPES (a type
+    Hetzner added later); the HAProxy limits then assume the smallest memory."""
+    auto_reboot: bool = False
+    """`autoReboot`: let unattended-upgrades reboot a server when an update needs it (at
+    staggered times: lb1, lb2 and the web waves never together). Off by default."""
+    lab: bool = field(default=False, repr=False)
+    """Lab only, no config key: accept the lab's plain-HTTP fake API and its 198.18.0.0/15
+    addresses. Only code builds it (lab/cluster.py `lab_settings`); `settings_from_values`
+    never sets it, so stack config cannot reach it."""
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def server_memory_mib(self) -> int:
+        info = SERVER_TYPES.get(self.server_type)
+        return info.memory_mib if info else UNLISTED_MEMORY_MIB
 
     @property
     def network_zone(self) -> str:
@@ -166,7 +234,18 @@ def _check(ok: bool, key: str, value: object, fix: str) -> None:
         raise SettingsError(key, value, fix)
 
 
+_CIDR4_RE = re.compile(r"(?:[0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}")
+_CIDR6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}/[0-9]{1,3}")
+
+
 def _parse_net(key: str, value: str) -> ipaddress.IPv4Network:
+    # ipaddress also takes netmask notation (10.0.0.0/255.255.0.0); Hetzner does not.
+    _check(
+        _CIDR4_RE.fullmatch(value) is not None,
+        key,
+        value,
+        "give an IPv4 network as address/prefix length, e.g. 10.0.0.0/16",
+    )
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as err:
@@ -198,26 +277,62 @@ def parse_ssh_public_key(value: str) -> str:
     return key_type
 
 
-# No whitespace, quotes or backslash: the URL goes into a file read by the event hook.
+# Every pattern is used with fullmatch: `$` would also accept a trailing newline.
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?")
+_PATH_RE = re.compile(r"/[A-Za-z0-9._~/-]*[A-Za-z0-9._~-]")
+_COOKIE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_TYPE_RE = re.compile(r"[a-z0-9-]{2,32}")
+_URL_RE = re.compile(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
+_LAB_URL_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
+#: Printable ASCII: HAProxy gets it single-quoted (see render.haproxy_quote).
+_STATS_PASSWORD_RE = re.compile(r"[\x20-\x7e]{1,128}")
+#: keepalived splits words at blanks and starts comments at '#' or '!'; its PASS auth
+#: carries 8 bytes at most.
+_VRRP_PASSWORD_RE = re.compile(r"[A-Za-z0-9$%&()*+,./:;<=>?@\[\]^_`{|}~-]{1,8}")
+#: The alert webhook URL goes into a file the event hook reads: no blanks, quotes or
+#: backslash. http is allowed (a receiver on the private network).
 _WEBHOOK_RE = re.compile(
     r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&()*+,;=:@%/?-]*)?"
 )
+#: RFC 6750 b64token: what an Authorization header can carry (Hetzner: 64 alphanumerics).
+TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]{16,256}=*")
 
 
-def check_alert_webhook_url(value: str) -> None:
-    """Raise SettingsError (without echoing the secret URL) unless it is a plain http(s) URL."""
-    _check(
-        _WEBHOOK_RE.fullmatch(value) is not None,
-        "alertWebhookUrl",
-        "<secret, not shown>",
-        "give an http(s) URL without spaces or quotes, e.g. https://hooks.example.com/T0KEN",
-    )
-
-
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
-_PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*[A-Za-z0-9._~-]$")
-_COOKIE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_USER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+def validate_secret(key: str, value: str) -> None:
+    """Raise SettingsError (never showing the value) if `value` cannot go where `key` goes."""
+    if key == "statsPassword":
+        _check(
+            _STATS_PASSWORD_RE.fullmatch(value) is not None,
+            key,
+            HIDDEN,
+            "use 1-128 printable ASCII characters (no line breaks or tabs)",
+        )
+    elif key == "vrrpPassword":
+        _check(
+            _VRRP_PASSWORD_RE.fullmatch(value) is not None,
+            key,
+            HIDDEN,
+            "use 1-8 printable characters without blanks, quotes, backslash, '#' or '!' "
+            "(keepalived's PASS auth carries 8 and its parser splits at blanks and comments)",
+        )
+    elif key in ("failoverToken", "hcloud:token"):
+        _check(
+            TOKEN_RE.fullmatch(value) is not None,
+            key,
+            HIDDEN,
+            "give the API token as Hetzner shows it: one line of letters and digits "
+            "(Console > Security > API tokens)",
+        )
+    elif key == "alertWebhookUrl":
+        _check(
+            _WEBHOOK_RE.fullmatch(value) is not None,
+            key,
+            HIDDEN,
+            "give an http(s) URL without spaces or quotes, e.g. https://hooks.example.com/T0KEN",
+        )
+    else:  # pragma: no cover - a programming error
+        raise KeyError(key)
 
 
 def validate(s: Settings) -> None:
@@ -228,10 +343,9 @@ def validate(s: Settings) -> None:
         s.location,
         f"use one of {', '.join(sorted(NETWORK_ZONES))}",
     )
-    _check(bool(s.server_type.strip()), "serverType", s.server_type, "name a type, e.g. cx23")
-    _check(bool(s.image.strip()), "image", s.image, "name an image, e.g. debian-13")
+    _check_server_type(s)
     _check(
-        bool(_NAME_RE.match(s.cluster_name)),
+        bool(_NAME_RE.fullmatch(s.cluster_name)),
         "clusterName",
         s.cluster_name,
         "use lowercase letters, digits and dashes (max 42)",
@@ -250,21 +364,23 @@ def validate(s: Settings) -> None:
         list(s.admin_cidrs),
         "list the CIDRs allowed to SSH, e.g. [203.0.113.7/32]",
     )
-    for cidr in s.admin_cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=True)
-        except ValueError as err:
-            raise SettingsError(
-                "adminCidrs", cidr, f"give CIDRs like 203.0.113.7/32 ({err})"
-            ) from None
-        _check(
-            ipaddress.ip_network(cidr).prefixlen > 0,
-            "adminCidrs",
-            cidr,
-            "SSH must not be open to the world; list your own addresses",
-        )
+    _check_admin_cidrs(s.admin_cidrs)
     network = _parse_net("networkCidr", s.network_cidr)
-    _check(network.is_private, "networkCidr", s.network_cidr, "use a private range (RFC 1918)")
+    in_rfc1918 = any(network.subnet_of(r) for r in RFC1918)
+    in_lab = s.lab and network.subnet_of(LAB_RANGE)
+    _check(
+        in_rfc1918 or in_lab,
+        "networkCidr",
+        s.network_cidr,
+        "Hetzner networks must lie in RFC 1918 space: 10.0.0.0/8, 172.16.0.0/12 or "
+        "192.168.0.0/16, e.g. 10.0.0.0/16",
+    )
+    _check(
+        network.prefixlen <= NETWORK_MAX_PREFIX,
+        "networkCidr",
+        s.network_cidr,
+        f"Hetzner networks are /{NETWORK_MAX_PREFIX} or larger; use e.g. 10.0.0.0/16",
+    )
     subnet = _parse_net("subnetCidr", s.subnet_cidr)
     _check(
         subnet.subnet_of(network),
@@ -303,23 +419,29 @@ def validate(s: Settings) -> None:
     _check(s.balance in BALANCE_ALGORITHMS, "balance", s.balance, f"use {BALANCE_ALGORITHMS}")
     _check(s.cookie_mode in COOKIE_MODES, "cookieMode", s.cookie_mode, f"use {COOKIE_MODES}")
     _check(
-        bool(_COOKIE_RE.match(s.cookie_name)),
+        bool(_COOKIE_RE.fullmatch(s.cookie_name)),
         "cookieName",
         s.cookie_name,
         "use letters, digits, '_' or '-'",
     )
     _check(
-        bool(_PATH_RE.match(s.health_check_path)) and "//" not in s.health_check_path,
+        bool(_PATH_RE.fullmatch(s.health_check_path))
+        and "//" not in s.health_check_path
+        # the path also names a file below the docroot: no way out of it
+        and not {".", ".."} & set(s.health_check_path.split("/")),
         "healthCheckPath",
         s.health_check_path,
-        "use an absolute URL path to a file, e.g. /check.txt",
+        "use an absolute URL path to a file, e.g. /check.txt (no '.' or '..' segments)",
     )
-    _check(bool(_USER_RE.match(s.stats_user)), "statsUser", s.stats_user, "use a plain user name")
     _check(
-        re.match(r"^https?://[^\s'\"]+$", s.hetzner_api_endpoint) is not None,
+        bool(_USER_RE.fullmatch(s.stats_user)), "statsUser", s.stats_user, "use a plain user name"
+    )
+    _check(
+        (_LAB_URL_RE if s.lab else _URL_RE).fullmatch(s.hetzner_api_endpoint) is not None,
         "hetznerApiEndpoint",
         s.hetzner_api_endpoint,
-        "give an http(s) URL such as https://api.hetzner.cloud/v1",
+        "give an https URL such as https://api.hetzner.cloud/v1 (plain http would send "
+        "the API token in clear text)",
     )
     _check(1 <= s.vrrp_router_id <= 255, "vrrpRouterId", s.vrrp_router_id, "use 1 to 255")
     _check(s.vrrp_version in (2, 3), "vrrpVersion", s.vrrp_version, "use 2 or 3")
@@ -342,6 +464,88 @@ def validate(s: Settings) -> None:
         ("haproxyCheckRise", s.haproxy_check_rise, 1, 20),
     ):
         _check(low <= value <= high, key, value, f"use {low} to {high}")
+
+
+def _check_server_type(s: Settings) -> None:
+    _check(
+        _TYPE_RE.fullmatch(s.server_type) is not None,
+        "serverType",
+        s.server_type,
+        "name a Hetzner server type, e.g. cx23",
+    )
+    _check(
+        s.image in IMAGES,
+        "image",
+        s.image,
+        f"the templates are written for {', '.join(IMAGES)}; use one of them",
+    )
+    info = SERVER_TYPES.get(s.server_type)
+    if info is None:
+        _check(
+            s.allow_unlisted_server_type,
+            "serverType",
+            s.server_type,
+            f"not in the table of known types ({', '.join(sorted(SERVER_TYPES))}); if "
+            "Hetzner offers it now, set allowUnlistedServerType: true "
+            "(components/config.py SERVER_TYPES says where the table comes from)",
+        )
+        return
+    offered = [t for t, i in SERVER_TYPES.items() if s.location in i.locations]
+    _check(
+        s.location in info.locations,
+        "serverType",
+        s.server_type,
+        f"not offered in {s.location} (offered there: {', '.join(sorted(offered))}); pick "
+        "one of those or another location, or set allowUnlistedServerType: true if "
+        "Hetzner has added it",
+    )
+    _check(
+        info.architecture in IMAGES[s.image],
+        "serverType",
+        s.server_type,
+        f"{info.architecture} type, but image {s.image} exists for "
+        f"{', '.join(IMAGES[s.image])} only",
+    )
+
+
+def _check_admin_cidrs(cidrs: Sequence[str]) -> None:
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for cidr in cidrs:
+        _check(
+            _CIDR4_RE.fullmatch(cidr) is not None or _CIDR6_RE.fullmatch(cidr) is not None,
+            "adminCidrs",
+            cidr,
+            "give CIDRs as address/prefix length, like 203.0.113.7/32",
+        )
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=True))
+        except ValueError as err:
+            raise SettingsError(
+                "adminCidrs", cidr, f"give CIDRs like 203.0.113.7/32 ({err})"
+            ) from None
+    # Several CIDRs can open SSH to the world as surely as 0.0.0.0/0: subtract them from
+    # the whole address space; what is left must include public addresses.
+    for everything in (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")):
+        left = [everything]
+        for net in nets:
+            if net.version != everything.version:
+                continue
+            left = [
+                piece
+                for rest in left
+                for piece in (
+                    rest.address_exclude(net)  # type: ignore[arg-type]
+                    if net.subnet_of(rest)  # type: ignore[arg-type]
+                    else ([] if rest.subnet_of(net) else [rest])  # type: ignore[arg-type]
+                )
+            ]
+        _check(
+            any(piece.is_global for piece in left),
+            "adminCidrs",
+            list(cidrs),
+            f"together these open SSH to the whole {'IPv4' if everything.version == 4 else 'IPv6'}"
+            " internet; list your own addresses (e.g. 203.0.113.7/32)",
+        )
 
 
 def _check_private_ips(s: Settings, subnet: ipaddress.IPv4Network) -> None:
@@ -378,6 +582,10 @@ _INT_FIELDS = {
     "haproxyCheckRise": "haproxy_check_rise",
 }
 _FLOAT_FIELDS = {"vrrpAdvertInterval": "vrrp_advert_interval"}
+_BOOL_FIELDS = {
+    "allowUnlistedServerType": "allow_unlisted_server_type",
+    "autoReboot": "auto_reboot",
+}
 _STR_FIELDS = {
     "location": "location",
     "serverType": "server_type",
@@ -400,9 +608,12 @@ _LIST_FIELDS = {
 REQUIRED_KEYS = ("adminCidrs",)
 
 
-def settings_from_values(get: Callable[[str], Any]) -> Settings:
-    """Build Settings from a key lookup returning raw config values (or None)."""
-    kwargs: dict[str, Any] = {}
+def settings_from_values(get: Callable[[str], Any], *, lab: bool = False) -> Settings:
+    """Build Settings from a key lookup returning raw config values (or None).
+
+    `lab` is for the lab's own harness only (see Settings.lab); no config key sets it.
+    """
+    kwargs: dict[str, Any] = {"lab": lab}
     for key in REQUIRED_KEYS:
         value = get(key)
         _check(value not in (None, "", []), key, value, f"set it: pulumi config set {key} ...")
@@ -425,6 +636,12 @@ def settings_from_values(get: Callable[[str], Any]) -> Settings:
                 kwargs[attr] = float(str(value))
             except ValueError:
                 raise SettingsError(key, value, "give a number of seconds") from None
+    for key, attr in _BOOL_FIELDS.items():
+        value = get(key)
+        if value is not None:
+            text = str(value).strip().lower()
+            _check(text in ("true", "false"), key, value, "give true or false")
+            kwargs[attr] = text == "true"
     for key, attr in _LIST_FIELDS.items():
         value = get(key)
         if value is None:
@@ -446,13 +663,19 @@ def settings_to_config(settings: Settings) -> dict[str, str]:
     config = {"sshPublicKey": settings.ssh_public_key}
     for key, attr in (_STR_FIELDS | _INT_FIELDS | _FLOAT_FIELDS).items():
         config[key] = str(getattr(settings, attr))
+    for key, attr in _BOOL_FIELDS.items():
+        config[key] = "true" if getattr(settings, attr) else "false"
     for key, attr in _LIST_FIELDS.items():
         config[key] = json.dumps(list(getattr(settings, attr)))
     return config
 
 
-def load_settings(config: pulumi.Config | None = None) -> StackConfig:
-    """Read and validate the stack's config; raises SettingsError before any resource."""
+def load_settings(config: pulumi.Config | None = None, *, lab: bool = False) -> StackConfig:
+    """Read and validate the stack's config; raises SettingsError before any resource.
+
+    `lab=True` is the lab-only path (lab/program.py, the local cloud tier): it lets the
+    fake API's http URL and the 198.18.0.0/15 addresses through. __main__.py never sets it.
+    """
     cfg = config or pulumi.Config(PROJECT)
 
     def get(key: str) -> Any:
@@ -460,7 +683,7 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
             return cfg.get_object(key)
         return cfg.get(key)
 
-    settings = settings_from_values(get)
+    settings = settings_from_values(get, lab=lab)
     ssh_private_key = _get_secret(cfg, "sshPrivateKey")
     # Both halves or neither (then the program generates a pair).
     _check(
@@ -477,8 +700,25 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
         "sshPrivateKey is set, so set its public half too: pulumi config set sshPublicKey "
         '"$(cat ~/.ssh/id_ed25519.pub)" (or unset sshPrivateKey to get a generated pair)',
     )
-    failover_token = _get_secret(cfg, "failoverToken") or _get_secret(
-        pulumi.Config("hcloud"), "token"
+    token_key = "failoverToken" if _raw(cfg, "failoverToken") else "hcloud:token"
+    hcloud_cfg = pulumi.Config("hcloud")
+    token_cfg = cfg if token_key == "failoverToken" else hcloud_cfg
+    failover_token = _get_secret(token_cfg, token_key.removeprefix("hcloud:"))
+    for key, source in (
+        (token_key, token_cfg),
+        ("statsPassword", cfg),
+        ("vrrpPassword", cfg),
+        ("alertWebhookUrl", cfg),
+    ):
+        raw = _raw(source, key.removeprefix("hcloud:"))
+        if raw:
+            validate_secret(key, raw)
+    _check(
+        not (_raw(cfg, "vrrpPassword") and settings.vrrp_version == 3),
+        "vrrpPassword",
+        HIDDEN,
+        "VRRPv3 has no authentication, so the password would be ignored; unset it "
+        "(pulumi config rm vrrpPassword) or use vrrpVersion 2",
     )
     _check(
         failover_token is not None,
@@ -488,9 +728,6 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
         "pulumi config set --secret failoverToken <token> (or set hcloud:token)",
     )
     assert failover_token is not None
-    webhook = cfg.get("alertWebhookUrl")
-    if webhook is not None and webhook.strip():
-        check_alert_webhook_url(webhook.strip())
     secrets = SecretInputs(
         ssh_private_key=ssh_private_key,
         failover_token=failover_token,
@@ -499,6 +736,12 @@ def load_settings(config: pulumi.Config | None = None) -> StackConfig:
         alert_webhook_url=_get_secret(cfg, "alertWebhookUrl"),
     )
     return StackConfig(settings=settings, secrets=secrets)
+
+
+def _raw(cfg: pulumi.Config, key: str) -> str:
+    """The plain value, only for validation (never logged); "" when unset or blank."""
+    raw = cfg.get(key)
+    return raw if raw is not None and raw.strip() else ""
 
 
 def _get_secret(cfg: pulumi.Config, key: str) -> pulumi.Output[str] | None:

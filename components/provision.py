@@ -19,7 +19,7 @@ import io
 import shlex
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_hcloud as hcloud
@@ -61,6 +61,25 @@ echo "hcloud-ha-web: base ready ({packages})"
 """
 
 
+#: Inside the staged tree (never installed): the secret values of this step, one a line.
+MASK_FILE = ".hcloud-ha-web-mask"
+MASK_TEXT = "[secret hidden]"
+# A checker quotes the line it rejects, secrets included (HAProxy does); a step prints
+# that output only after replacing every secret form listed in the staged mask file. The
+# values travel on stdin with the files, never in the command text. perl-base is
+# essential on Debian, so every host has it.
+MASK_FUNCTION = (
+    "mask() {\n"
+    '  if [ -s "$stage/' + MASK_FILE + '" ]; then\n'
+    '    perl -e \'open(my $f, "<", shift) or die;'
+    ' my @m = grep { length } map { chomp; $_ } <$f>; local $/; my $t = <STDIN> // "";'
+    " for my $m (@m) { $t =~ s/\\Q$m\\E/" + MASK_TEXT + "/g } print $t;'"
+    ' "$stage/' + MASK_FILE + '"\n'
+    "  else cat; fi\n"
+    "}"
+)
+
+
 def step_script(
     daemon: DaemonSpec, targets: Sequence[FileTarget], layout: Layout | None = None
 ) -> str:
@@ -76,9 +95,10 @@ stage=$(mktemp -d /var/tmp/hcloud-ha-web-{daemon.name}.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 base64 -d | tar -xzf - -C "$stage" --no-same-owner
 export STAGE="$stage"
+{MASK_FUNCTION}
 if ! out=$( ( {validate_command(daemon, layout)}
 ) 2>&1 ); then
-  printf '%s\\n' "$out" >&2
+  printf '%s\\n' "$out" | mask >&2
   echo "hcloud-ha-web: {daemon.name} config rejected on $(hostname); running config untouched" >&2
   exit 1
 fi
@@ -104,14 +124,18 @@ fi
 """
 
 
-def payload(files: Sequence[RenderedFile]) -> str:
-    """Deterministic tar.gz (base64) of the files at their destination paths."""
+def payload(files: Sequence[RenderedFile], masks: Sequence[str] = ()) -> str:
+    """Deterministic tar.gz (base64) of the files at their destination paths, plus the
+    mask file (the secret values a printed checker output must not show)."""
     buffer = io.BytesIO()
+    entries = [(f.path.lstrip("/"), f.content, int(f.mode, 8)) for f in files]
+    if masks:
+        entries.append((MASK_FILE, "".join(f"{m}\n" for m in masks), 0o600))
     with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-        for f in sorted(files, key=lambda f: f.path):
-            data = f.content.encode()
-            info = tarfile.TarInfo(f.path.lstrip("/"))
-            info.size, info.mode, info.mtime = len(data), int(f.mode, 8), 0
+        for path, content, mode in sorted(entries):
+            data = content.encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), mode, 0
             tar.addfile(info, io.BytesIO(data))
     raw = buffer.getvalue()
     # gzip stores a timestamp of its own; zero it so equal files give equal payloads.
@@ -134,10 +158,12 @@ class StepPlan:
     daemon: str
     script: str
     files: tuple[RenderedFile, ...]
+    masks: tuple[str, ...] = field(default=(), repr=False)
+    """The secret forms found in `files`: the step hides them in what it prints."""
 
     @property
     def stdin(self) -> str:
-        return payload(self.files)
+        return payload(self.files, self.masks)
 
     @property
     def trigger(self) -> str:
@@ -158,7 +184,8 @@ def plan_host(
     for daemon in daemons_for(role):
         mine = tuple(f for f in files if f.daemon == daemon.name)
         script = step_script(daemon, file_targets(settings, daemon, layout), layout)
-        plans.append(StepPlan(host, daemon.name, script, mine))
+        masks = tuple(m for m in secrets.masks() if any(m in f.content for f in mine))
+        plans.append(StepPlan(host, daemon.name, script, mine, masks))
     return tuple(plans)
 
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import jinja2
 
-from components.config import Settings
+from components.config import Settings, validate_secret
+from components.rolling import web_waves
 
 Role = Literal["lb", "web"]
 
@@ -30,12 +31,14 @@ BACKUP_PRIORITY = 100
 OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
+#: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
+FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
+EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
 DOCROOT = "/var/www/hcloud-ha-web"
 # Observability (issue 16): exporters listen on the private address only.
 NODE_EXPORTER_PORT = 9100
 HAPROXY_METRICS_PORT = 9101  # not 8404: the HTTPS work uses 127.0.0.1:8404 for the stats page
 METRICS_SCRIPT = "/usr/local/sbin/hcloud-ha-web-metrics"
-EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
 ALERT_URL_FILE = "/etc/hcloud-ha-web/alert-webhook-url"
 STATE_DIR = "/var/lib/hcloud-ha-web"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
@@ -45,6 +48,8 @@ METRICS_INTERVAL = 15
 ALERT_ATTEMPTS = 5
 ALERT_TIMEOUT = 5
 
+#: Every host: automatic security updates, sshd (its checker), time synchronisation.
+HOST_PACKAGES = ("unattended-upgrades", "openssh-server", "systemd-timesyncd")
 PACKAGES: Mapping[Role, tuple[str, ...]] = {
     "lb": (
         "haproxy",
@@ -54,9 +59,20 @@ PACKAGES: Mapping[Role, tuple[str, ...]] = {
         "iproute2",
         "openssl",
         "prometheus-node-exporter",
+        *HOST_PACKAGES,
     ),
-    "web": ("apache2", "curl", "iproute2", "prometheus-node-exporter"),
+    "web": ("apache2", "curl", "iproute2", "prometheus-node-exporter", *HOST_PACKAGES),
 }
+#: Unattended reboots (autoReboot) start here and go 30 minutes apart per host group.
+REBOOT_WINDOW_START = (2, 0)
+
+
+def haproxy_quote(value: str) -> str:
+    """One HAProxy config word holding `value` as it is: single quotes take everything
+    literally (blanks, '#', '$', '\\'); a quote itself is closed, escaped and reopened, as
+    in sh. Values with control characters are refused before rendering (config.py)."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
@@ -66,6 +82,7 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
     autoescape=False,
 )
+_ENV.filters["haproxy_quote"] = haproxy_quote
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,84 @@ def _node_exporter(role: Role) -> DaemonSpec:
         ),
         validate=_NODE_EXPORTER_VALIDATE,
         activate=_NODE_EXPORTER_ACTIVATE,
+    )
+
+
+# sshd -t on the host's sshd_config with the staged drop-ins in place of the live ones,
+# then sshd -T: the values that win (sshd keeps the first it reads) must be ours.
+_SSHD_VALIDATE = r"""
+base={root}/etc/ssh; [ -f "$base/sshd_config" ] || base=/etc/ssh
+cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
+mkdir -p "$cfg/sshd_config.d" /run/sshd
+if [ -d "$base/sshd_config.d" ]; then cp -a "$base/sshd_config.d/." "$cfg/sshd_config.d/"; fi
+cp -a "$STAGE{root}/etc/ssh/sshd_config.d/." "$cfg/sshd_config.d/"
+sed "s#/etc/ssh/sshd_config.d/#$cfg/sshd_config.d/#" "$base/sshd_config" > "$cfg/sshd_config"
+/usr/sbin/sshd -t -f "$cfg/sshd_config"
+eff=$(/usr/sbin/sshd -T -f "$cfg/sshd_config" -C user=root,host=check,addr=192.0.2.1)
+for want in "passwordauthentication no" "kbdinteractiveauthentication no"; do
+  printf '%s\n' "$eff" | grep -qx "$want" || { echo "sshd would not apply: $want" >&2; exit 1; }
+done
+"""
+
+# apt-config parses each staged file (a syntax error fails), then reads the host's apt
+# config plus ours, as unattended-upgrade will: only the security origin may be left.
+_UPDATES_VALIDATE = r"""
+dir=$STAGE{root}/etc/apt/apt.conf.d
+for f in "$dir"/*; do apt-config -c "$f" dump >/dev/null; done
+eff=$(apt-config -c "$dir/52hcloud-ha-web-unattended-upgrades" dump Unattended-Upgrade)
+origins=$(printf '%s\n' "$eff" | grep '^Unattended-Upgrade::Origins-Pattern:: ')
+[ "$(printf '%s\n' "$origins" | wc -l)" = 1 ] && printf '%s\n' "$origins" | grep -q 'security' \
+  || { printf 'unattended-upgrades would not be security-only:\n%s\n' "$eff" >&2; exit 1; }
+"""
+
+# timesyncd has no checker: accept only the [Time] keys this file sets.
+_TIMESYNC_VALIDATE = r"""
+f=$STAGE{root}/etc/systemd/timesyncd.conf.d/50-hcloud-ha-web.conf
+grep -qx '\[Time\]' "$f" && grep -q '^NTP=[a-z0-9. -]*$' "$f" \
+  && ! grep -vE '^(#.*|\[Time\]|NTP=[a-z0-9. -]*|FallbackNTP=[a-z0-9. -]*|)$' "$f"
+"""
+
+
+def _host_daemons(role: Role) -> tuple[DaemonSpec, ...]:
+    """What every server gets, whatever its role: sshd, security updates, the clock."""
+    return (
+        DaemonSpec(
+            name="sshd",
+            role=role,
+            files=(FileSpec("host/sshd.conf.j2", "/etc/ssh/sshd_config.d/10-hcloud-ha-web.conf"),),
+            validate=_SSHD_VALIDATE,
+            activate="systemctl reload-or-restart ssh",
+        ),
+        DaemonSpec(
+            name="updates",
+            role=role,
+            files=(
+                FileSpec("host/20auto-upgrades.j2", "/etc/apt/apt.conf.d/20auto-upgrades"),
+                FileSpec(
+                    "host/unattended-upgrades.j2",
+                    "/etc/apt/apt.conf.d/52hcloud-ha-web-unattended-upgrades",
+                ),
+            ),
+            validate=_UPDATES_VALIDATE,
+            activate=(
+                "systemctl enable -q apt-daily.timer apt-daily-upgrade.timer"
+                " && systemctl start apt-daily.timer apt-daily-upgrade.timer"
+            ),
+        ),
+        DaemonSpec(
+            name="timesync",
+            role=role,
+            files=(
+                FileSpec(
+                    "host/timesyncd.conf.j2",
+                    "/etc/systemd/timesyncd.conf.d/50-hcloud-ha-web.conf",
+                ),
+            ),
+            validate=_TIMESYNC_VALIDATE,
+            # In a container systemd skips timesyncd (the host keeps the clock): a
+            # restart then succeeds without starting it.
+            activate="systemctl enable -q systemd-timesyncd && systemctl restart systemd-timesyncd",
+        ),
     )
 
 
@@ -240,6 +335,8 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         validate="keepalived -t -f $STAGE{root}/etc/keepalived/keepalived.conf",
         activate="systemctl enable -q keepalived && systemctl reload-or-restart keepalived",
     ),
+    *_host_daemons("web"),
+    *_host_daemons("lb"),
     _node_exporter("lb"),
     _node_exporter("web"),
 )
@@ -268,11 +365,29 @@ class ClusterFacts:
 
 @dataclass(frozen=True)
 class RenderSecrets:
+    """Secret values as they reach the files: configured or generated, checked alike."""
+
     stats_password: str = field(repr=False)
     vrrp_password: str = field(repr=False)
     failover_token: str = field(repr=False)
     alert_webhook_url: str = field(default="", repr=False)
     """Empty: no webhook; the event hook then posts nothing."""
+
+    def __post_init__(self) -> None:
+        # Generated values pass here too (pulumi_random in components/cluster.py).
+        validate_secret("statsPassword", self.stats_password)
+        validate_secret("vrrpPassword", self.vrrp_password)
+        validate_secret("failoverToken", self.failover_token)
+
+    def masks(self) -> tuple[str, ...]:
+        """Every form a secret takes in a rendered file, longest first: what a step
+        replaces before it prints a checker's output."""
+        forms = {
+            form
+            for value in (self.stats_password, self.vrrp_password, self.failover_token)
+            for form in (value, haproxy_quote(value))
+        }
+        return tuple(sorted(forms, key=lambda f: (-len(f), f)))
 
 
 @dataclass(frozen=True)
@@ -361,13 +476,14 @@ def host_variables(
         "failover_script": root + FAILOVER_SCRIPT,
         "token_file": root + TOKEN_FILE,
         "pid_file": root + "/run/hcloud-floating-ip.pid",
+        "state_file": root + FAILOVER_STATE_FILE,
+        "event_hook": root + EVENT_HOOK,
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
         "docroot": root + DOCROOT,
         "node_exporter_port": NODE_EXPORTER_PORT,
         "haproxy_metrics_port": HAPROXY_METRICS_PORT,
         "metrics_script": root + METRICS_SCRIPT,
-        "event_hook": root + EVENT_HOOK,
         "alert_url_file": root + ALERT_URL_FILE,
         "alert_webhook_url": secrets.alert_webhook_url,
         "alert_attempts": ALERT_ATTEMPTS,
@@ -380,7 +496,39 @@ def host_variables(
         "metrics_interval": METRICS_INTERVAL,
         "ops_log_file": layout.ops_log_file,
         "haproxy_socket": root + "/run/haproxy/admin.sock",
+        "auto_reboot": settings.auto_reboot,
+        "reboot_time": reboot_time(settings, host.name),
+        "maxconn": haproxy_maxconn(settings.server_memory_mib),
+        "server_maxconn": SERVER_MAXCONN,
     }
+
+
+#: Per web server: Apache's MaxRequestWorkers on Debian (mpm_event, 150). HAProxy queues
+#: what is beyond it (timeout queue) instead of piling it onto one Apache.
+SERVER_MAXCONN = 150
+#: Memory HAProxy may plan for per connection: two 16 KiB buffers per side plus the
+#: kernel's socket buffers, rounded up; a quarter of the LB's memory goes to connections.
+CONNECTION_BUDGET_BYTES = 64 * 1024
+
+
+#: Two file descriptors per connection must stay under systemd's default hard
+#: RLIMIT_NOFILE (524288), which haproxy.service does not raise.
+MAX_MAXCONN = 200_000
+
+
+def haproxy_maxconn(memory_mib: int) -> int:
+    """Connections one LB accepts at once, sized to its memory (4 GiB: 16384)."""
+    by_memory = memory_mib * 1024 * 1024 // 4 // CONNECTION_BUDGET_BYTES
+    return max(1024, min(MAX_MAXCONN, by_memory))
+
+
+def reboot_time(settings: Settings, host_name: str) -> str:
+    """When unattended-upgrades may reboot `host_name`: lb1, lb2, then each web wave,
+    30 minutes apart, so the two LBs (or a whole wave plus another) never reboot together."""
+    slots = [*((lb,) for lb in settings.lb_names), *web_waves(settings.web_names)]
+    index = next(i for i, group in enumerate(slots) if host_name in group)
+    minutes = REBOOT_WINDOW_START[0] * 60 + REBOOT_WINDOW_START[1] + 30 * index
+    return f"{minutes // 60 % 24:02d}:{minutes % 60:02d}"
 
 
 def _seconds(value: float) -> str:

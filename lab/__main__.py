@@ -9,6 +9,7 @@ and how to break things, then reads commands from stdin.  Everything is torn dow
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -111,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     print("lab: starting (namespaces, fake Hetzner API, daemons) ...", flush=True)
     with LabNetwork(web_count=max(1, min(args.webs, 9))) as lab, LabCluster(lab) as c:
         client = f"ip netns exec {lab.client.ns}"
+        login = shlex.quote(f"{c.stats_user}:{c.stats_password}")
         print(lab.describe())
         print(
             f"""
 site:   {c.url}   (from the client: {client} curl -s {c.url})
-stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password}
-        ({client} curl -s -u {c.stats_user}:{c.stats_password} '{c.stats_url};csv')
+stats:  {c.stats_url}   user {c.stats_user}  password {c.stats_password!r}
+        ({client} curl -s -u {login} '{c.stats_url};csv')
 fake Hetzner API: {lab.api_url} (calls: {lab.workdir}/api/calls.jsonl)
 daemon logs: {lab.workdir}/logs/   host roots: {c.base}/<host>/
 failover script log: {c.base}/<lb>/var/log/hcloud-floating-ip.log

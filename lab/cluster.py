@@ -93,8 +93,16 @@ def _lab_ssh_key() -> str:
 
 
 def lab_settings(web_count: int, api_url: str, **overrides: Any) -> Settings:
-    """Settings matching the lab topology (addresses, API endpoint); overrides win."""
+    """Settings matching the lab topology (addresses, API endpoint); overrides win.
+
+    The lab-only path: `lab=True` lets Settings take the fake API's plain-HTTP URL and
+    the 198.18.0.0/15 addresses, which stack config (`load_settings`) never accepts.
+    """
     values: dict[str, Any] = {
+        "lab": True,
+        # The smallest type (2 GiB): HAProxy's maxconn 8192 needs ~16400 descriptors,
+        # within this machine's hard limit (20000); a real cx23 would ask for 32800.
+        "server_type": "cpx11",
         "ssh_public_key": _lab_ssh_key(),
         "admin_cidrs": ("198.18.0.0/15",),
         "network_cidr": "198.18.0.0/16",
@@ -286,7 +294,8 @@ class LabCluster(ClusterView):
         self.base = RUN_BASE / f"{lab.prefix}-lab"
         self.api: FakeApi | None = None
         self.settings: Settings | None = None
-        self.stats_password = "lab-stats-" + secrets.token_hex(6)
+        # Blanks, '#', a quote and ':' on purpose: haproxy.cfg must carry them whole.
+        self.stats_password = f"lab stats #{secrets.token_hex(4)} it's:ok"
         self.secrets: RenderSecrets | None = None
         self.hosts: dict[str, HostRuntime] = {}
         self.facts = ClusterFacts(
@@ -403,7 +412,7 @@ class LabCluster(ClusterView):
         script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
         rt.host.run(["sh", "-ec", script], timeout=15)
         self._write(self.rendered(name))
-        for d in ("run/haproxy", "var/log", *_OPS_DIRS):
+        for d in ("run/haproxy", "var/log", "var/lib/haproxy", *_OPS_DIRS):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
         self._validate(name, "lb")

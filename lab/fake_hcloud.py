@@ -28,7 +28,10 @@ Errors use Hetzner's body ``{"error": {"code", "message", "details"}}``:
 and from the fault queue: 423 ``locked``, 429 ``rate_limit_exceeded``, 409
 ``conflict``, 500 ``server_error``, 503 ``unavailable``, 504 ``timeout``; plus
 ``slow`` (answer late), ``drop`` (close without answering) and
-``action_error`` (201, but the action ends in ``error`` and nothing moves).
+``action_error`` (201, but the action ends in ``error`` and nothing moves),
+``redirect`` (302 to ``location``) and ``non_json`` (200 with an HTML page).
+A ``rate_limit`` fault may carry ``reset_in`` (seconds) or a literal ``reset``
+for its ``RateLimit-Reset`` header.
 Responses carry ``RateLimit-Limit/-Remaining/-Reset`` (3600/hour, one back per
 second); an exhausted bucket answers 429.
 
@@ -84,7 +87,7 @@ ERROR_FAULTS: dict[str, tuple[int, str, str]] = {
     "unavailable": (503, "unavailable", "A service or product is currently not available"),
     "timeout": (504, "timeout", "The request could not be answered in time, please retry"),
 }
-SPECIAL_FAULTS = ("slow", "drop", "action_error")
+SPECIAL_FAULTS = ("slow", "drop", "action_error", "redirect", "non_json")
 FAULT_ALIASES = {
     "rate_limit_exceeded": "rate_limit",
     "429": "rate_limit",
@@ -120,6 +123,11 @@ def normalize_fault(item: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": kind, "on": on}
     if "seconds" in spec:
         out["seconds"] = float(spec["seconds"])
+    # rate_limit: "reset_in" seconds from now, or a literal (possibly bad) "reset" header;
+    # redirect: "location" (default: the same path on another port of this host).
+    for key in ("reset_in", "reset", "location"):
+        if key in spec:
+            out[key] = float(spec[key]) if key == "reset_in" else str(spec[key])
     return out
 
 
@@ -343,6 +351,14 @@ class State:
             self.timers.clear()
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A non-JSON answer (the faults ``redirect`` and ``non_json``)."""
+
+    data: bytes
+    content_type: str
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "fake-hcloud/1"
     protocol_version = "HTTP/1.1"
@@ -367,9 +383,12 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode() + b"\n"
+        if isinstance(body, RawBody):
+            data, content_type = body.data, body.content_type
+        else:
+            data, content_type = json.dumps(body).encode() + b"\n", "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -456,7 +475,18 @@ class Handler(BaseHTTPRequestHandler):
             kind = fault["kind"]
             if kind in ERROR_FAULTS:
                 status, code, message = ERROR_FAULTS[kind]
+                if "reset_in" in fault:
+                    headers["RateLimit-Reset"] = str(int(time.time() + fault["reset_in"]))
+                if "reset" in fault:
+                    headers["RateLimit-Reset"] = fault["reset"]
                 return (*self._error(status, code, message), False)
+            if kind == "redirect":
+                host = self.headers.get("Host", "localhost").split(":")[0]
+                headers["Location"] = fault.get("location", f"http://{host}:1{self.path}")
+                return 302, RawBody(b"moved\n", "text/plain"), False
+            if kind == "non_json":
+                page = b"<html><body>Maintenance</body></html>\n"
+                return 200, RawBody(page, "text/html"), False
             if kind == "drop":
                 return 0, None, True
             if kind == "slow":

@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 #: Every lab namespace name starts with this, then 4 hex digits, then ``-``.
 PREFIX_STEM = "hw"
-PREFIX_RE = re.compile(r"^hw[0-9a-f]{4}$")
+PREFIX_RE = re.compile(r"hw[0-9a-f]{4}")
 #: Linux limit for interface names (IFNAMSIZ - 1).
 IFNAME_MAX = 15
 NETNS_DIR = Path("/run/netns")
@@ -177,7 +177,7 @@ def list_prefixes() -> list[str]:
     found = set()
     for ns in list_namespaces():
         head = ns.split("-", 1)[0]
-        if PREFIX_RE.match(head) and "-" in ns:
+        if PREFIX_RE.fullmatch(head) and "-" in ns:
             found.add(head)
     return sorted(found)
 
@@ -205,7 +205,7 @@ def leftovers(prefix: str) -> list[str]:
 
 
 def _validate_prefix(prefix: str) -> None:
-    if not PREFIX_RE.match(prefix):
+    if not PREFIX_RE.fullmatch(prefix):
         raise LabError(f"not a lab prefix: {prefix!r} (expected {PREFIX_STEM} + 4 hex digits)")
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest import mock
 
 import pulumi
 from google.protobuf import json_format
@@ -32,7 +33,8 @@ from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime.settings import get_root_resource, set_root_resource
 
-from components.config import PROJECT
+from components import config as config_module
+from components.config import PROJECT, StackConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND_TYPE = "command:remote:Command"
@@ -274,17 +276,35 @@ def remote_steps(monitor: RecordingMonitor) -> dict[str, RemoteStep]:
     return steps
 
 
+_load_settings = config_module.load_settings
+
+
+def _lab_load_settings(config: pulumi.Config | None = None) -> StackConfig:
+    return _load_settings(config, lab=True)
+
+
 def program_steps(
     config: Mapping[str, str],
     secret_keys: list[str],
     facts: ProviderFacts,
     stack: str = "lab",
+    *,
+    lab: bool = False,
 ) -> dict[str, RemoteStep]:
     """Run the program (`__main__.py`) with `config` under mocks answering `facts`;
-    the remote steps it registers."""
+    the remote steps it registers.
+
+    `lab=True` is the lab-only settings path: `load_settings(lab=True)` accepts the fake
+    API's http URL and the lab's 198.18.0.0/15 addresses, which stack config alone
+    never can (see components.config.Settings.lab).
+    """
     monitor = install_mocks(Mocks(facts), stack, config, secret_keys)
     try:
-        run_main()
+        if lab:
+            with mock.patch.object(config_module, "load_settings", _lab_load_settings):
+                run_main()
+        else:
+            run_main()
     finally:
         pulumi.runtime.set_all_config({}, [])
     return remote_steps(monitor)

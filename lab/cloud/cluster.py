@@ -149,7 +149,7 @@ class CloudCluster(ClusterView):
     def plan(self) -> dict[str, RemoteStep]:
         """The remote steps the program registers for this cluster (under mocks)."""
         config, secret_keys = self.stack_config()
-        return program_steps(config, secret_keys, self.facts())
+        return program_steps(config, secret_keys, self.facts(), lab=True)
 
     def apply(
         self, steps: Mapping[str, RemoteStep] | None = None, *, force: bool = False

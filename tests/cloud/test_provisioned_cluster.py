@@ -195,6 +195,44 @@ def test_program_steps_provision_every_host(
         assert f" {FLOATING_IP}/32 " in shown, f"{lb}: the floating IP is not on {PUBLIC_IFACE}"
 
 
+def test_hosts_are_hardened_by_their_steps(cluster: CloudCluster) -> None:
+    """sshd keys only (sshd -t passes), security-only unattended upgrades with their
+    timers, timesyncd enabled with our servers, HAProxy chrooted and still logging."""
+    for name in cluster.names:
+        effective = cluster.ssh(name, "sshd -t && sshd -T -C user=root,host=x,addr=192.0.2.1")
+        for want in ("passwordauthentication no", "kbdinteractiveauthentication no"):
+            assert want in effective.splitlines(), (name, want)
+        apt = cluster.ssh(name, "apt-config dump Unattended-Upgrade")
+        origins = [ln for ln in apt.splitlines() if ln.startswith("Unattended-Upgrade::Origins")]
+        assert len(origins) == 2 and "security" in origins[1], (name, origins)  # "" + one
+        assert 'Unattended-Upgrade::Automatic-Reboot "false";' in apt
+        periodic = cluster.ssh(name, "apt-config dump APT::Periodic")
+        assert 'APT::Periodic::Unattended-Upgrade "1";' in periodic
+        timers = cluster.ssh(name, "systemctl is-enabled apt-daily-upgrade.timer")
+        assert timers.split() == ["enabled"], (name, timers)
+        sync = cluster.ssh(
+            name,
+            "systemctl is-enabled systemd-timesyncd;"
+            " systemd-analyze cat-config systemd/timesyncd.conf | grep '^NTP='",
+        )
+        assert sync.split("\n")[0] == "enabled" and "ntp1.hetzner.de" in sync, (name, sync)
+    for lb in LB_NAMES:
+        root = cluster.ssh(
+            lb,
+            "for p in $(pgrep -x haproxy); do readlink /proc/$p/root; done | sort | uniq -c",
+        )
+        assert "/var/lib/haproxy" in root, (lb, root)  # the worker
+    # the master serves: its access log still reaches the journal from inside the chroot
+    since = int(time.time()) - 1
+    assert cluster.get()["ok"]
+    journal = "journalctl -q -t haproxy --since @" + str(since)
+    wait_for(
+        lambda: "GET / HTTP/1.1" in cluster.ssh("lb1", journal),
+        10,
+        "lb1: HAProxy's access log line in the journal",
+    )
+
+
 # -- the lab scenarios, with systemd running the daemons ---------------------------------
 def test_round_robin_across_web_servers(cluster: CloudCluster) -> None:
     check_round_robin(cluster)

@@ -196,7 +196,6 @@ def test_failover_outcome_and_certificate_expiry_reach_prometheus(cluster: LabCl
         "api_auth": "refused",
         "api_auth_checked": now,
     }
-    (root / STATE_DIR.lstrip("/") / "failover-state.json").write_text(json.dumps(state))
     certs = root / "etc/haproxy/certs"
     certs.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -205,7 +204,16 @@ def test_failover_outcome_and_certificate_expiry_reach_prometheus(cluster: LabCl
          "-out", str(certs / "site.pem")],
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
+    state_file = root / STATE_DIR.lstrip("/") / "failover-state.json"
     try:
+        # a claim still running (the failover script writes null end and result)
+        running = {"last_claim": {"started": now, "ended": None, "result": None, "attempts": 0}}
+        state_file.write_text(json.dumps(running))
+        run_on_lb(cluster, "lb2", METRICS_SCRIPT, "collect")
+        node = node_metrics(cluster, "lb2")
+        assert prom.value(node, "hcloud_ha_web_failover_last_claim_result", result="running") == 1
+        assert prom.value(node, "hcloud_ha_web_failover_last_claim_duration_seconds") is None
+        state_file.write_text(json.dumps(state))
         run_on_lb(cluster, "lb2", METRICS_SCRIPT, "collect")
         node = node_metrics(cluster, "lb2")
         expiry = prom.value(node, "hcloud_ha_web_cert_expiry_timestamp_seconds", cert="site.pem")

@@ -37,11 +37,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "insert-cookie": {"cookie_mode": "insert", "cookie_name": "SERVERID"},
     "leastconn": {"balance": "leastconn"},
     "custom-health-path": {"health_check_path": "/health/ready.txt"},
-    "lab-subnet": {"network_cidr": "198.18.0.0/16", "subnet_cidr": "198.18.4.0/24"},
+    "lab-subnet": {"lab": True, "network_cidr": "198.18.0.0/16", "subnet_cidr": "198.18.4.0/24"},
     "vrrp-v2-password": {"vrrp_version": 2, "vrrp_advert_interval": 1.0},
 }
 LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
-SECRETS = RenderSecrets(stats_password="p@ss w0rd:#1", vrrp_password="Vr8pPass", failover_token="t")
+SECRETS = RenderSecrets(
+    stats_password="p@ss w0rd:#1", vrrp_password="Vr8pPass", failover_token="t" * 64
+)
 
 pytestmark = pytest.mark.skipif(bool(checker_missing()), reason=checker_missing() or "ok")
 
@@ -144,7 +146,7 @@ def test_lab_layout_changes_paths_not_behaviour() -> None:
 def test_discovery_script_finds_the_private_interface_by_subnet(
     host_ns: NetnsHost, tmp_path: Path
 ) -> None:
-    settings = replace(make_settings(), subnet_cidr="198.18.4.0/24", network_cidr="198.18.0.0/16")
+    settings = make_settings(lab=True, subnet_cidr="198.18.4.0/24", network_cidr="198.18.0.0/16")
     iface = host_ns.prepare_private_interface(settings.subnet_cidr, index=7, name="enp7s0")
     layout = Layout(root=str(tmp_path))
     host_ns.run(interface_facts_script(settings.subnet_cidr, layout))
@@ -176,3 +178,116 @@ def test_failover_script_compiles_and_names_this_server() -> None:
         compile(script.content, script.path, "exec")
         assert f"SERVER_ID = {facts.server_ids[host]}\n" in script.content
         assert "FLOATING_IP_ID = 4711\n" in script.content
+
+
+# --- host hardening: the same checkers decide -------------------------------------------
+
+
+def _host_files(settings: Settings, host: str, root: Path) -> dict[str, str]:
+    layout = Layout(root=str(root))
+    return {
+        f.path.removeprefix(str(root)): f.content
+        for f in render_host(settings, facts_for(settings), SECRETS, host, layout)
+    }
+
+
+def test_every_host_gets_sshd_updates_and_timesync_steps() -> None:
+    settings = make_settings()
+    for role in ("lb", "web"):
+        names = [d.name for d in daemons_for(role)]  # type: ignore[arg-type]
+        assert {"sshd", "updates", "timesync"} <= set(names), (role, names)
+    for package in ("unattended-upgrades", "openssh-server", "systemd-timesyncd"):
+        assert all(package in render.PACKAGES[r] for r in ("lb", "web"))
+    assert settings.auto_reboot is False
+
+
+@pytest.mark.parametrize(
+    ("planted", "why"),
+    [
+        ("PasswordAuthentication yes\n", "an earlier drop-in re-enabling passwords"),
+        ("KbdInteractiveAuthentication yes\n", "keyboard-interactive re-enabled"),
+    ],
+)
+def test_sshd_step_checks_what_sshd_would_apply(
+    planted: str, why: str, host_ns: NetnsHost, tmp_path: Path
+) -> None:
+    """sshd -t passes, and sshd -T must show keys-only in effect; a drop-in sorting before
+    ours (sshd keeps the first value) would win, so the step refuses it."""
+    settings = make_settings()
+    root = tmp_path / "root"
+    sshd = next(d for d in daemons_for("web") if d.name == "sshd")
+    files = [
+        f
+        for f in render_host(settings, facts_for(settings), SECRETS, "web1", Layout(root=str(root)))
+        if f.daemon == "sshd"
+    ]
+    stage = tmp_path / "stage"
+    write_tree(stage, files)
+    live = root / "etc/ssh"
+    shutil.copytree("/etc/ssh", live, symlinks=True)
+    for old in (live / "sshd_config.d").glob("*"):
+        old.unlink()
+    ok = host_ns.run(validate_command(sshd, Layout(root=str(root))), {"STAGE": str(stage)}, False)
+    assert ok.returncode == 0, ok.stderr
+    (live / "sshd_config.d/05-planted.conf").write_text(planted)
+    bad = host_ns.run(validate_command(sshd, Layout(root=str(root))), {"STAGE": str(stage)}, False)
+    assert bad.returncode != 0, why
+    assert "sshd would not apply" in bad.stderr
+
+
+def test_updates_step_allows_the_security_origin_only(host_ns: NetnsHost, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    updates = next(d for d in daemons_for("lb") if d.name == "updates")
+    settings = make_settings()
+
+    def check(settings: Settings, edit: tuple[str, str] | None = None) -> int:
+        shutil.rmtree(tmp_path / "stage", ignore_errors=True)
+        files = [
+            f
+            for f in render_host(
+                settings, facts_for(settings), SECRETS, "lb1", Layout(root=str(root))
+            )
+            if f.daemon == "updates"
+        ]
+        if edit:
+            files = [replace(f, content=f.content.replace(*edit)) for f in files]
+        write_tree(tmp_path / "stage", files)
+        cmd = validate_command(updates, Layout(root=str(root)))
+        return host_ns.run(cmd, {"STAGE": str(tmp_path / "stage")}, False).returncode
+
+    assert check(settings) == 0
+    # a pattern beside the security one (say, every stable update) is refused
+    extra = ('Debian-Security";\n', 'Debian-Security";\n    "origin=Debian,label=Debian";\n')
+    assert check(settings, extra) != 0
+    assert check(settings, ('"false";', '"false;')) != 0  # apt-config: syntax error
+
+
+def test_reboots_are_off_by_default_and_staggered_when_allowed(tmp_path: Path) -> None:
+    key = "/etc/apt/apt.conf.d/52hcloud-ha-web-unattended-upgrades"
+    off = _host_files(make_settings(), "lb1", tmp_path)[key]
+    assert 'Automatic-Reboot "false";' in off
+    settings = make_settings(auto_reboot=True, web_count=4)
+    times = {}
+    for host in (*settings.lb_names, *settings.web_names):
+        text = _host_files(settings, host, tmp_path)[key]
+        assert 'Automatic-Reboot "true";' in text
+        times[host] = text.split('Automatic-Reboot-Time "')[1][:5]
+    assert times == {
+        "lb1": "02:00", "lb2": "02:30",
+        "web1": "03:00", "web2": "03:00", "web3": "03:30", "web4": "03:30",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("server_type", "location", "maxconn"),
+    [("cpx11", "nbg1", 8192), ("cx23", "nbg1", 16384), ("cx43", "fsn1", 65536),
+     ("ccx63", "ash", 200_000)],
+)  # fmt: skip
+def test_haproxy_limits_follow_the_server_memory(
+    server_type: str, location: str, maxconn: int, host_ns: NetnsHost, tmp_path: Path
+) -> None:
+    settings = make_settings(server_type=server_type, location=location)
+    cfg = _host_files(settings, "lb1", tmp_path)["/etc/haproxy/haproxy.cfg"]
+    assert cfg.count(f"    maxconn {maxconn}\n") == 2, "global and per-frontend limit"
+    assert "maxconn 150\n" in cfg.split("default-server", 1)[1].split("\n", 1)[0] + "\n"
+    check_host(settings, "lb1", host_ns, tmp_path)  # and haproxy -c accepts it

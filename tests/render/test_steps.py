@@ -110,6 +110,58 @@ def test_no_secret_in_step_text_or_output(tmp_path: Path, fake_bin: Path) -> Non
     assert SECRETS.stats_password not in result.stdout + result.stderr
 
 
+def test_checker_output_is_printed_with_every_secret_masked(
+    tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy quotes the line it rejects; the step prints that output with the password
+    replaced. The template is broken back to an unquoted `stats auth` line, so a
+    password with a quote makes `haproxy -c` fail on exactly that line."""
+    broken = tmp_path / "templates"
+    shutil.copytree(render.TEMPLATE_DIR, broken)
+    cfg = broken / "haproxy/haproxy.cfg.j2"
+    text = cfg.read_text()
+    quoted = "{{ (stats_user ~ ':' ~ stats_password) | haproxy_quote }}"
+    assert quoted in text, "update this test: the stats auth line changed"
+    cfg.write_text(text.replace(quoted, "{{ stats_user }}:{{ stats_password }}"))
+    monkeypatch.setattr(
+        render, "_ENV", render._ENV.overlay(loader=jinja2.FileSystemLoader(str(broken)))
+    )
+    password = "s3cr3t pa'ss"
+    secrets = RenderSecrets(
+        stats_password=password, vrrp_password="vrrp1234", failover_token="hcloud-token-9f3a"
+    )
+    plans = plan_host(make_settings(), FACTS, secrets, "lb1", Layout(root=str(tmp_path / "r")))
+    plan = next(p for p in plans if p.daemon == "haproxy")
+    assert password not in plan.script
+    result = run_step(plan, fake_bin)
+    assert result.returncode != 0
+    assert "unmatched quote" in result.stderr, "the checker's output must still be shown"
+    assert "[secret hidden]" in result.stderr
+    assert password not in result.stdout + result.stderr
+    assert "pa'ss" not in result.stderr and "s3cr3t" not in result.stderr
+
+
+def test_generated_and_configured_secrets_are_checked_before_rendering() -> None:
+    """A value the file cannot carry fails naming its key, whatever produced it."""
+    from components.config import SettingsError
+
+    for kwargs, key in (
+        ({"stats_password": "a\nstats auth x:y"}, "statsPassword"),
+        ({"vrrp_password": "ninechars"}, "vrrpPassword"),
+        ({"failover_token": "tok\nen" * 4}, "failoverToken"),
+    ):
+        values = {
+            "stats_password": "ok",
+            "vrrp_password": "vrrp1234",
+            "failover_token": "hcloud-token-9f3a",
+            **kwargs,
+        }
+        with pytest.raises(SettingsError) as raised:
+            RenderSecrets(**values)
+        assert raised.value.key == key
+        assert next(iter(kwargs.values())) not in str(raised.value)
+
+
 def test_triggers_change_when_and_only_when_content_changes(tmp_path: Path) -> None:
     root = Layout(root=str(tmp_path))
 

@@ -114,6 +114,7 @@ def test_every_server_sits_in_the_subnet_at_its_private_ip(
 ) -> None:
     stack = make_stack(
         location=location,
+        server_type="cpx21",  # offered in every location (CX is EU only)
         web_count=3,
         network_cidr="10.20.0.0/16",
         subnet_cidr="10.20.5.0/24",

@@ -40,6 +40,7 @@ ALL_KEYS = (
     set(cfgmod._STR_FIELDS)
     | set(cfgmod._INT_FIELDS)
     | set(cfgmod._FLOAT_FIELDS)
+    | set(cfgmod._BOOL_FIELDS)
     | set(cfgmod._LIST_FIELDS)
     | set(cfgmod.REQUIRED_KEYS)
     | {"sshPublicKey"}
@@ -69,6 +70,7 @@ def test_values_are_parsed_from_config_strings(monitor: RecordingMonitor) -> Non
     s = load(
         monitor,
         location="ash",
+        serverType="cpx21",
         webCount="3",
         vrrpAdvertInterval="1",
         vrrpVersion="2",
@@ -80,7 +82,13 @@ def test_values_are_parsed_from_config_strings(monitor: RecordingMonitor) -> Non
 
 
 def test_secrets_are_read_as_secrets(monitor: RecordingMonitor) -> None:
-    stack = load(monitor, statsPassword="s3cret-stats", vrrpPassword="vrrp1234")
+    stack = load(
+        monitor,
+        statsPassword="s3cret-stats",
+        vrrpPassword="vrrp1234",
+        vrrpVersion="2",
+        vrrpAdvertInterval="1",
+    )
     secrets = stack.secrets
     for output, value in (
         (secrets.ssh_private_key, PRIVATE_KEY),
@@ -183,6 +191,124 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str, str]] = [
         "sshPublicKey",
         "private key",
     ),
+    # --- patterns are full matches: a trailing newline is not part of a valid value
+    ("clusterName trailing newline", {"clusterName": "web\n"}, "clusterName", "web\\n"),
+    ("cookieName trailing newline", {"cookieName": "SID\n"}, "cookieName", "SID"),
+    ("statsUser trailing newline", {"statsUser": "admin\n"}, "statsUser", "admin"),
+    ("statsUser with blank", {"statsUser": "ad min"}, "statsUser", "ad min"),
+    ("statsUser with colon", {"statsUser": "ad:min"}, "statsUser", "ad:min"),
+    ("healthCheckPath newline", {"healthCheckPath": "/check.txt\n"}, "healthCheckPath", "check"),
+    ("healthCheckPath dot-dot", {"healthCheckPath": "/../etc/x"}, "healthCheckPath", ".."),
+    ("healthCheckPath dot", {"healthCheckPath": "/./check.txt"}, "healthCheckPath", "/./"),
+    ("healthCheckPath blank", {"healthCheckPath": "/a b"}, "healthCheckPath", "/a b"),
+    ("healthCheckPath quote", {"healthCheckPath": '/a"b'}, "healthCheckPath", "/a"),
+    ("serverType newline", {"serverType": "cx23\n"}, "serverType", "cx23"),
+    # --- the failover script's API: https only from stack config
+    (
+        "API endpoint plain http",
+        {"hetznerApiEndpoint": "http://api.hetzner.cloud/v1"},
+        "hetznerApiEndpoint",
+        "http://",
+    ),
+    (
+        "API endpoint trailing newline",
+        {"hetznerApiEndpoint": "https://api.hetzner.cloud/v1\n"},
+        "hetznerApiEndpoint",
+        "https://",
+    ),
+    (
+        "API endpoint with query",
+        {"hetznerApiEndpoint": "https://api.hetzner.cloud/v1?x=1"},
+        "hetznerApiEndpoint",
+        "x=1",
+    ),
+    (
+        "API endpoint with credentials",
+        {"hetznerApiEndpoint": "https://u:p@api.hetzner.cloud/v1"},
+        "hetznerApiEndpoint",
+        "https://",
+    ),
+    ("API endpoint ftp", {"hetznerApiEndpoint": "ftp://x/v1"}, "hetznerApiEndpoint", "ftp"),
+    # --- secrets that their file cannot carry (never echoed)
+    ("statsPassword newline", {"statsPassword": "abc\nuser x"}, "statsPassword", "not shown"),
+    ("statsPassword tab", {"statsPassword": "a\tb"}, "statsPassword", "not shown"),
+    ("statsPassword too long", {"statsPassword": "x" * 129}, "statsPassword", "not shown"),
+    ("statsPassword non-ASCII", {"statsPassword": "pässwort"}, "statsPassword", "not shown"),
+    (
+        "vrrpPassword too long",
+        {"vrrpPassword": "ninechars", "vrrpVersion": "2", "vrrpAdvertInterval": "1"},
+        "vrrpPassword",
+        "not shown",
+    ),
+    (
+        "vrrpPassword blank inside",
+        {"vrrpPassword": "ab cd", "vrrpVersion": "2", "vrrpAdvertInterval": "1"},
+        "vrrpPassword",
+        "not shown",
+    ),
+    (
+        "vrrpPassword comment char",
+        {"vrrpPassword": "ab#cd", "vrrpVersion": "2", "vrrpAdvertInterval": "1"},
+        "vrrpPassword",
+        "not shown",
+    ),
+    (
+        "vrrpPassword quote",
+        {"vrrpPassword": 'ab"cd', "vrrpVersion": "2", "vrrpAdvertInterval": "1"},
+        "vrrpPassword",
+        "not shown",
+    ),
+    ("vrrpPassword with VRRPv3", {"vrrpPassword": "abcd1234"}, "vrrpPassword", "VRRPv3"),
+    ("failoverToken two lines", {"failoverToken": "a" * 64 + "\nb"}, "failoverToken", "not shown"),
+    ("failoverToken with blank", {"failoverToken": "abc def" * 5}, "failoverToken", "not shown"),
+    ("failoverToken too short", {"failoverToken": "abc"}, "failoverToken", "not shown"),
+    (
+        "provider token with colon",
+        {"failoverToken": "", "hcloud:token": "x" * 30 + ":y"},
+        "hcloud:token",
+        "not shown",
+    ),
+    # --- networks Hetzner refuses once other resources exist
+    ("network not RFC 1918", {"networkCidr": "100.64.0.0/16"}, "networkCidr", "100.64"),
+    ("network public", {"networkCidr": "8.8.0.0/16"}, "networkCidr", "8.8.0.0"),
+    ("network lab range", {"networkCidr": "198.18.0.0/16"}, "networkCidr", "198.18"),
+    ("network too small", {"networkCidr": "10.0.1.0/25"}, "networkCidr", "/25"),
+    ("network netmask notation", {"networkCidr": "10.0.0.0/255.255.0.0"}, "networkCidr", "255"),
+    ("subnet netmask notation", {"subnetCidr": "10.0.1.0/255.255.255.0"}, "subnetCidr", "255"),
+    ("network with blank", {"networkCidr": "10.0.0.0/16 "}, "networkCidr", "10.0.0.0"),
+    (
+        "admin CIDR netmask notation",
+        {"adminCidrs": ["198.51.100.0/255.255.255.0"]},
+        "adminCidrs",
+        "255",
+    ),
+    ("admin CIDR two halves", {"adminCidrs": ["0.0.0.0/1", "128.0.0.0/1"]}, "adminCidrs", "whole"),
+    (
+        "admin CIDRs all but private",
+        {
+            "adminCidrs": [
+                "0.0.0.0/5",
+                "8.0.0.0/7",
+                "11.0.0.0/8",
+                "12.0.0.0/6",
+                "16.0.0.0/4",
+                "32.0.0.0/3",
+                "64.0.0.0/2",
+                "128.0.0.0/1",
+            ]
+        },
+        "adminCidrs",
+        "whole IPv4",
+    ),
+    ("admin CIDR IPv6 world", {"adminCidrs": ["198.51.100.7/32", "::/0"]}, "adminCidrs", "IPv6"),
+    ("admin CIDR IPv6 halves", {"adminCidrs": ["::/1", "8000::/1"]}, "adminCidrs", "IPv6"),
+    ("admin CIDR no prefix", {"adminCidrs": ["198.51.100.7"]}, "adminCidrs", "198.51.100.7"),
+    # --- server types Hetzner would refuse after the network exists
+    ("serverType unknown", {"serverType": "cx99"}, "serverType", "allowUnlistedServerType"),
+    ("serverType not in location", {"location": "ash", "serverType": "cx23"}, "serverType", "ash"),
+    ("Arm type not in US", {"location": "hil", "serverType": "cax11"}, "serverType", "hil"),
+    ("image not supported", {"image": "ubuntu-24.04"}, "image", "ubuntu"),
+    ("autoReboot not a bool", {"autoReboot": "yes"}, "autoReboot", "yes"),
 ]
 
 
@@ -204,6 +330,10 @@ def test_bad_input_fails_naming_the_key_before_any_resource(
     # Never echo a secret back in an error message.
     assert PRIVATE_KEY.splitlines()[1] not in str(err)
     assert FAILOVER_TOKEN not in str(err)
+    for secret_key in SECRET_CONFIG_KEYS | {"hcloud:token"}:
+        value = overrides.get(secret_key)
+        if value:
+            assert value not in str(err), f"{secret_key} echoed in the error"
     assert monitor.registrations == []
 
 
@@ -236,6 +366,39 @@ def test_settings_built_directly_are_validated_too(field: str, value: Any, key: 
     assert raised.value.key == key
 
 
+def test_lab_only_values_need_the_lab_path() -> None:
+    """The lab's http fake API and 198.18/15 addresses pass only with Settings(lab=True),
+    which no config key can set."""
+    lab_values: dict[str, Any] = {
+        "network_cidr": "198.18.0.0/16",
+        "subnet_cidr": "198.18.1.0/24",
+        "hetzner_api_endpoint": "http://198.19.0.2:8080/v1",
+    }
+    for field, value in lab_values.items():
+        with pytest.raises(SettingsError):
+            make_settings(**{field: value})
+    assert make_settings(lab=True, **lab_values).lab
+    config_attrs = {
+        *cfgmod._STR_FIELDS.values(),
+        *cfgmod._INT_FIELDS.values(),
+        *cfgmod._FLOAT_FIELDS.values(),
+        *cfgmod._BOOL_FIELDS.values(),
+        *cfgmod._LIST_FIELDS.values(),
+    }
+    assert "lab" not in config_attrs
+    # a stack config that names `lab` is ignored: the http endpoint is still refused
+    raw = {**cfgmod.settings_to_config(make_settings()), "lab": "true"}
+    raw["hetznerApiEndpoint"] = lab_values["hetzner_api_endpoint"]
+    with pytest.raises(SettingsError):
+        cfgmod.settings_from_values(raw.get)
+
+
+def test_unlisted_server_type_can_be_allowed_explicitly() -> None:
+    s = make_settings(server_type="cx63", allow_unlisted_server_type=True)
+    assert s.server_memory_mib == cfgmod.UNLISTED_MEMORY_MIB
+    assert make_settings(location="ash", server_type="cpx21").server_memory_mib == 4096
+
+
 def test_settings_are_frozen() -> None:
     s = make_settings()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -264,7 +427,7 @@ def test_project_declares_every_config_key_with_type_and_description() -> None:
     declared = _project()["config"]
     assert set(declared) == ALL_KEYS
     for key, spec in declared.items():
-        assert spec["type"] in ("string", "integer", "array"), key
+        assert spec["type"] in ("string", "integer", "boolean", "array"), key
         assert spec.get("description"), key
         if spec["type"] == "array":
             assert spec["items"] == {"type": "string"}, key
@@ -276,6 +439,7 @@ def test_project_defaults_match_the_settings_dataclass() -> None:
         **cfgmod._STR_FIELDS,
         **cfgmod._INT_FIELDS,
         **cfgmod._FLOAT_FIELDS,
+        **cfgmod._BOOL_FIELDS,
         **cfgmod._LIST_FIELDS,
     }
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
