@@ -48,7 +48,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float | None:
     return found[0].value if found else None
 
 
-def scrape(host: Host, url: str, timeout: float = 3.0) -> list[Sample]:
+def scrape(host: Host, url: str, timeout: float = 10.0) -> list[Sample]:
     proc = host.run(
         ["curl", "-fsS", "--max-time", str(timeout), url], check=False, timeout=timeout + 3
     )
