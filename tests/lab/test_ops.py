@@ -21,7 +21,9 @@ from components.render import (
     HAPROXY_METRICS_PORT,
     METRICS_SCRIPT,
     NODE_EXPORTER_PORT,
+    OWNERSHIP_CHECK_INTERVAL,
     STATE_DIR,
+    TOKEN_FILE,
 )
 from lab import prom
 from lab.cluster import REPO_ROOT, LabCluster, wait_for
@@ -52,6 +54,8 @@ def env() -> Iterator[tuple[LabCluster, WebhookReceiver]]:
 @pytest.fixture
 def cluster(env: tuple[LabCluster, WebhookReceiver]) -> Iterator[LabCluster]:
     c, _ = env
+    c.wait_settled(20)
+    wait_for(lambda: vrrp_master(c, "lb1") == 1.0, 10, "lb1 master in its metrics")
     yield c
     # leave it settled for the next test
     for web in c.lab.webs:
@@ -97,6 +101,10 @@ def server_up(c: LabCluster, lb: str, web: str) -> float | None:
 
 
 def test_every_exporter_answers_on_the_private_network(cluster: LabCluster) -> None:
+    # keepalived runs its notify script after a transition, asynchronously: the state
+    # reaches the textfile within a moment of the cluster settling, not before.
+    wait_for(lambda: vrrp_master(cluster, "lb1") == 1.0, 10, "lb1 master in its metrics")
+    wait_for(lambda: vrrp_master(cluster, "lb2") == 0.0, 10, "lb2 backup in its metrics")
     for host in [*cluster.lab.lbs, *cluster.lab.webs]:
         samples = node_metrics(cluster, host.name)
         assert prom.value(samples, "node_exporter_build_info") is not None or any(
@@ -116,8 +124,6 @@ def test_every_exporter_answers_on_the_private_network(cluster: LabCluster) -> N
             "hcloud_ha_web_reboot_required",
         ):
             assert prom.value(node, metric, host=name) is not None, f"{name}: {metric} missing"
-    assert vrrp_master(cluster, "lb1") == 1.0
-    assert vrrp_master(cluster, "lb2") == 0.0
     assert prom.value(node_metrics(cluster, "lb1"), "hcloud_ha_web_vrrp_priority") == 150 + 1
 
 
@@ -261,6 +267,36 @@ def test_webhook_retries_then_delivers_and_never_logs_the_url(
     # The secret part of the URL is nowhere in what the hosts logged.
     for path in [*cluster.lab.workdir.rglob("*.log"), *cluster.base.rglob("*.log")]:
         assert receiver.path not in path.read_text(errors="replace"), f"URL leaked into {path}"
+
+
+def test_the_failover_script_alerts_a_refused_token_and_a_failed_claim(
+    cluster: LabCluster, env: tuple[LabCluster, WebhookReceiver]
+) -> None:
+    """The hardening task's failover script calls this hook; the POSTs reach the webhook."""
+    _, receiver = env
+    token_files = [cluster.hosts[lb].root / TOKEN_FILE.lstrip("/") for lb in LB_NAMES]
+    good = token_files[0].read_text()
+    posted = len(receiver.kinds())
+    for path in token_files:
+        path.write_text("wrong" + good)  # a revoked token, as far as the API can tell
+    try:
+        # the master's ownership check sees the refusal within a check interval or two
+        wait_for(
+            lambda: ("api_auth_refused", "lb1") in receiver.kinds()[posted:],
+            3 * OWNERSHIP_CHECK_INTERVAL,
+            "api_auth_refused from lb1",
+        )
+        cluster.kill_haproxy("lb1")  # lb2 becomes master; its claim is refused for good
+        wait_for(lambda: ("claim_failed", "lb2") in receiver.kinds()[posted:], 15, "claim_failed")
+        post = next(p for p in receiver.posts[posted:] if p["body"]["kind"] == "claim_failed")
+        assert post["body"]["detail"]["message"].startswith("refused")
+        run_on_lb(cluster, "lb2", METRICS_SCRIPT, "collect")
+        node = node_metrics(cluster, "lb2")
+        assert prom.value(node, "hcloud_ha_web_failover_api_auth", state="refused") == 1
+        assert prom.value(node, "hcloud_ha_web_failover_last_claim_result", result="refused") == 1
+    finally:
+        for path in token_files:
+            path.write_text(good)
 
 
 def test_a_hanging_webhook_does_not_delay_failover(
