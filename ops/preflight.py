@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from components.config import PROJECT
-from ops.stack import REPO_ROOT, pulumi_env
+from ops.stack import REPO_ROOT, StackError, pulumi_cli, pulumi_env
 
 #: RFC 5737 documentation ranges: Pulumi.dev.yaml's placeholder reaches nothing.
 DOC_RANGES = tuple(
@@ -98,8 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="preflight", description=__doc__.split("\n")[0])
     parser.add_argument("--stack", default=os.environ.get("STACK", "dev"))
     args = parser.parse_args(argv)
+    try:
+        cli = pulumi_cli()
+    except StackError as err:
+        print(f"preflight: {err}", file=sys.stderr)
+        return 2
     proc = subprocess.run(
-        ["pulumi", "config", "--json", "--stack", args.stack],
+        [cli, "config", "--json", "--stack", args.stack],
         capture_output=True,
         text=True,
         timeout=60,

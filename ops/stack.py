@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
@@ -71,7 +72,7 @@ class StackOutputs:
     @classmethod
     def load(cls, stack: str) -> StackOutputs:
         proc = subprocess.run(
-            ["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack],
+            [pulumi_cli(), "stack", "output", "--json", "--show-secrets", "--stack", stack],
             capture_output=True,
             text=True,
             timeout=60,
@@ -82,6 +83,16 @@ class StackOutputs:
         if proc.returncode != 0:
             raise StackError(f"pulumi stack output failed: {proc.stderr.strip()[:500]}")
         return cls.from_json(json.loads(proc.stdout))
+
+
+def pulumi_cli() -> str:
+    """The Pulumi CLI (a prerequisite of `make up`, not a Debian package)."""
+    path = shutil.which("pulumi")
+    if path is None:
+        raise StackError(
+            "pulumi CLI not found: install it (https://www.pulumi.com/docs/install/) and retry"
+        )
+    return path
 
 
 def _numbered(name: str) -> tuple[str, int]:
@@ -98,11 +109,11 @@ def pulumi_env() -> dict[str, str]:
     try:
         logged_in = (
             subprocess.run(
-                ["pulumi", "whoami"], capture_output=True, timeout=30, check=False
+                [pulumi_cli(), "whoami"], capture_output=True, timeout=30, check=False
             ).returncode
             == 0
         )
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, StackError):
         logged_in = False
     if not logged_in:
         env["PULUMI_BACKEND_URL"] = f"file://{REPO_ROOT / '.pulumi-state'}"
