@@ -16,9 +16,12 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pulumi
+
+from components.site import RELEASE_URL, project_path, site_problem
 
 PROJECT = "hcloud-ha-web"
 
@@ -89,6 +92,9 @@ SSH_KEY_TYPES = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
 # Host offsets inside the subnet for the default private IPs (lb1=.11, web1=.21, ...).
+#: Debian policy 5.6.1: package names are lowercase letters, digits, + - . (2+ chars).
+DEBIAN_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+MAX_APACHE_CONFIG_BYTES = 64 * 1024
 LB_HOST_OFFSET = 10
 WEB_HOST_OFFSET = 20
 MAX_WEB_SERVERS = 50
@@ -168,6 +174,16 @@ class Settings:
     auto_reboot: bool = False
     """`autoReboot`: let unattended-upgrades reboot a server when an update needs it (at
     staggered times: lb1, lb2 and the web waves never together). Off by default."""
+    site_dir: str = ""
+    """`siteDir`: local directory (absolute, or relative to the project) every web server
+    serves, shipped as atomic releases; empty keeps the placeholder page naming the host."""
+    site_releases: int = 3
+    """`siteReleases`: releases kept on each web server (the live one included)."""
+    web_packages: tuple[str, ...] = ()
+    """`webPackages`: extra Debian packages the web servers' base step installs."""
+    apache_config: str = ""
+    """`apacheConfig`: local file of Apache directives included in the site's virtual
+    host, checked by `apache2 -t` with the rest; empty for none."""
     lab: bool = field(default=False, repr=False)
     """Lab only, no config key: accept the lab's plain-HTTP fake API and its 198.18.0.0/15
     addresses. Only code builds it (lab/cluster.py `lab_settings`); `settings_from_values`
@@ -175,6 +191,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def site_path(self) -> Path | None:
+        return project_path(self.site_dir) if self.site_dir else None
+
+    @property
+    def apache_config_text(self) -> str:
+        """The apacheConfig file's directives ("" when unset)."""
+        if not self.apache_config:
+            return ""
+        return project_path(self.apache_config).read_text(encoding="utf-8")
 
     @property
     def server_memory_mib(self) -> int:
@@ -464,6 +491,52 @@ def validate(s: Settings) -> None:
         ("haproxyCheckRise", s.haproxy_check_rise, 1, 20),
     ):
         _check(low <= value <= high, key, value, f"use {low} to {high}")
+    _check_site(s)
+
+
+def _check_site(s: Settings) -> None:
+    """siteDir, siteReleases, webPackages, apacheConfig: local files are read here, so a
+    bad one fails before any resource."""
+    _check(2 <= s.site_releases <= 20, "siteReleases", s.site_releases, "use 2 to 20")
+    for package in s.web_packages:
+        _check(
+            DEBIAN_PACKAGE_RE.fullmatch(package) is not None and len(package) <= 100,
+            "webPackages",
+            package,
+            "give Debian package names (lowercase letters, digits, '+', '-', '.'), "
+            "e.g. libapache2-mod-php",
+        )
+    if s.site_dir:
+        problem = site_problem(project_path(s.site_dir), (s.health_check_path, RELEASE_URL))
+        _check(problem is None, "siteDir", s.site_dir, problem or "")
+    if s.apache_config:
+        _check("\0" not in s.apache_config, "apacheConfig", s.apache_config, "give a file path")
+        path = project_path(s.apache_config)
+        _check(
+            path.is_file(),
+            "apacheConfig",
+            s.apache_config,
+            f"{path} is not a file; give a file of Apache directives",
+        )
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise SettingsError(
+                "apacheConfig", s.apache_config, f"{path} is not readable ({err.strerror})"
+            ) from None
+        _check(
+            len(raw) <= MAX_APACHE_CONFIG_BYTES,
+            "apacheConfig",
+            s.apache_config,
+            f"keep it under {MAX_APACHE_CONFIG_BYTES // 1024} KiB",
+        )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SettingsError(
+                "apacheConfig", s.apache_config, "the file is not UTF-8 text"
+            ) from None
+        _check("\0" not in text, "apacheConfig", s.apache_config, "the file holds NUL bytes")
 
 
 def _check_server_type(s: Settings) -> None:
@@ -580,6 +653,7 @@ _INT_FIELDS = {
     "haproxyCheckIntervalMs": "haproxy_check_interval_ms",
     "haproxyCheckFall": "haproxy_check_fall",
     "haproxyCheckRise": "haproxy_check_rise",
+    "siteReleases": "site_releases",
 }
 _FLOAT_FIELDS = {"vrrpAdvertInterval": "vrrp_advert_interval"}
 _BOOL_FIELDS = {
@@ -599,11 +673,14 @@ _STR_FIELDS = {
     "statsUser": "stats_user",
     "hetznerApiEndpoint": "hetzner_api_endpoint",
     "clusterName": "cluster_name",
+    "siteDir": "site_dir",
+    "apacheConfig": "apache_config",
 }
 _LIST_FIELDS = {
     "adminCidrs": "admin_cidrs",
     "lbPrivateIps": "lb_private_ips",
     "webPrivateIps": "web_private_ips",
+    "webPackages": "web_packages",
 }
 REQUIRED_KEYS = ("adminCidrs",)
 

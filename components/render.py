@@ -19,6 +19,7 @@ import jinja2
 
 from components.config import Settings, validate_secret
 from components.rolling import web_waves
+from components.site import DOCROOT, PLACEHOLDER, RELEASE_URL
 
 Role = Literal["lb", "web"]
 
@@ -34,7 +35,6 @@ TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 #: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
 FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
 EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
-DOCROOT = "/var/www/hcloud-ha-web"
 # Observability (issue 16): exporters listen on the private address only.
 NODE_EXPORTER_PORT = 9100
 HAPROXY_METRICS_PORT = 9101  # not 8404: the HTTPS work uses 127.0.0.1:8404 for the stats page
@@ -47,6 +47,9 @@ CERT_GLOB = "/etc/haproxy/certs/*.pem"
 METRICS_INTERVAL = 15
 ALERT_ATTEMPTS = 5
 ALERT_TIMEOUT = 5
+#: Apache modules the site's virtual host uses (rewrite: for apacheConfig's rules).
+APACHE_MODULES = ("remoteip", "usertrack", "rewrite")
+_MODS = " ".join(APACHE_MODULES)
 
 #: Every host: automatic security updates, sshd (its checker), time synchronisation.
 HOST_PACKAGES = ("unattended-upgrades", "openssh-server", "systemd-timesyncd")
@@ -113,13 +116,13 @@ _APACHE_VALIDATE = r"""
 base={root}/etc/apache2; [ -d "$base" ] || base=/etc/apache2
 cfg=$(mktemp -d); trap 'rm -rf "$cfg"' EXIT
 cp -a "$base/." "$cfg/" && cp -a "$STAGE{root}/etc/apache2/." "$cfg/"
-for m in remoteip usertrack; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
+for m in {mods}; do ln -sf ../mods-available/$m.load "$cfg/mods-enabled/$m.load"; done
 ln -sf ../sites-available/hcloud-ha-web.conf "$cfg/sites-enabled/hcloud-ha-web.conf"
 rm -f "$cfg/sites-enabled/000-default.conf"
 # envvars reads variables it may not find set: source it without the step's `set -u`
 (set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
   && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
-"""
+""".replace("{mods}", _MODS)
 
 # Debian's unit runs `prometheus-node-exporter $ARGS`: the exporter itself parses the
 # flags (`--version` last, so a bad flag fails), and the listen address must be an address,
@@ -235,14 +238,20 @@ DAEMONS: tuple[DaemonSpec, ...] = (
                 "apache2/hcloud-ha-web.conf.j2",
                 "/etc/apache2/sites-available/hcloud-ha-web.conf",
             ),
-            FileSpec("www/index.html.j2", f"{DOCROOT}/index.html"),
-            FileSpec("www/check.txt.j2", f"{DOCROOT}{{health_check_path}}"),
+            FileSpec("apache2/site.conf.j2", "/etc/apache2/hcloud-ha-web/site.conf"),
+            # The placeholder release and the health-check file: the site steps switch
+            # between releases and never touch health/.
+            FileSpec("www/index.html.j2", f"{DOCROOT}/{PLACEHOLDER}/site/index.html"),
+            FileSpec("www/check.txt.j2", f"{DOCROOT}/health{{health_check_path}}"),
         ),
         validate=_APACHE_VALIDATE,
         activate=(
-            "a2enmod -q remoteip usertrack && a2ensite -q hcloud-ha-web"
+            f"a2enmod -q {_MODS} && a2ensite -q hcloud-ha-web"
             " && { a2dissite -q 000-default 2>/dev/null || true; }"
             " && systemctl enable -q apache2"
+            # The document root is current/site; the site step owns the symlink later.
+            f" && {{ [ -e {{root}}{DOCROOT}/current ]"
+            f" || ln -sfn {PLACEHOLDER} {{root}}{DOCROOT}/current; }}"
             # A graceful restart keeps the old listening sockets: it cannot move a Listen to
             # another address (the first run replaces Debian's `Listen 80`). Restart then.
             ' && case " $CHANGED " in *" {root}/etc/apache2/ports.conf "*)'
@@ -496,6 +505,8 @@ def host_variables(
         "metrics_interval": METRICS_INTERVAL,
         "ops_log_file": layout.ops_log_file,
         "haproxy_socket": root + "/run/haproxy/admin.sock",
+        "release_url": RELEASE_URL,
+        "apache_config": settings.apache_config_text,
         "auto_reboot": settings.auto_reboot,
         "reboot_time": reboot_time(settings, host.name),
         "maxconn": haproxy_maxconn(settings.server_memory_mib),

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from components.config import Settings
 from components.render import (
+    APACHE_MODULES,
     ClusterFacts,
     Layout,
     RenderedFile,
@@ -48,6 +49,7 @@ from components.render import (
     render_host,
     validate_command,
 )
+from components.site import DOCROOT, PLACEHOLDER
 from lab import topology as topo
 from lab.fake_hcloud import FakeApi, launch
 from lab.netns import Host, LabError, child_pids
@@ -394,7 +396,11 @@ class LabCluster(ClusterView):
             conf.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             shutil.copytree("/etc/apache2", conf, symlinks=True)
         self._write(self.rendered(name))
-        for mod in ("remoteip", "usertrack"):
+        # The placeholder page is the live release, as the site step makes it on a host.
+        current = Path(f"{rt.layout.root.rstrip('/')}{DOCROOT}/current")
+        if not current.is_symlink():
+            current.symlink_to(PLACEHOLDER)
+        for mod in APACHE_MODULES:
             link = conf / "mods-enabled" / f"{mod}.load"
             if not link.is_symlink():
                 link.symlink_to(f"../mods-available/{mod}.load")

@@ -38,6 +38,7 @@ from components.config import PROJECT, StackConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMAND_TYPE = "command:remote:Command"
+COPY_TYPE = "command:remote:CopyToRemote"
 SERVER_TYPE = "hcloud:index/server:Server"
 FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
 TLS_PRIVATE_KEY_TYPE = "tls:index/privateKey:PrivateKey"
@@ -58,8 +59,15 @@ class ProviderFacts:
 class Mocks(pulumi.runtime.Mocks):
     """Fills in what providers compute: numeric ids, addresses, generated passwords."""
 
-    def __init__(self, facts: ProviderFacts | None = None) -> None:
+    def __init__(
+        self,
+        facts: ProviderFacts | None = None,
+        command_stdout: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+    ) -> None:
         self.facts = facts
+        # What a remote.Command prints, when a later input depends on it (the site check
+        # decides what the copy ships): given, the lab answers from the real host.
+        self.command_stdout = command_stdout
         self._ids = itertools.count(1001)
         self._hosts = itertools.count(10)
         # Same logical name, same id and address: a program run twice sees equal facts.
@@ -94,6 +102,10 @@ class Mocks(pulumi.runtime.Mocks):
             public, private = generated_ssh_key(args.name)
             outputs["publicKeyOpenssh"] = public + "\n"  # the provider ends it with a newline
             outputs["privateKeyOpenssh"] = private
+        elif args.typ == COMMAND_TYPE and self.command_stdout is not None:
+            stdout = self.command_stdout(args.name, args.inputs)
+            if stdout is not None:
+                outputs["stdout"] = stdout
         elif args.typ == "random:index/randomPassword:RandomPassword":
             outputs["result"] = generated_password(
                 args.name, int(args.inputs["length"]), bool(args.inputs.get("special", True))
@@ -238,11 +250,28 @@ class RemoteStep:
     triggers: tuple[str, ...] = field(repr=False)
     after: tuple[str, ...]
     """Names of the steps this one waits for (its dependencies that are steps)."""
+    source: str = ""
+    """A `remote.CopyToRemote`: the local path of its FileArchive (else "")."""
+    remote_path: str = ""
+    """A `remote.CopyToRemote`: where the archive's content lands on the host."""
 
     @property
-    def inputs(self) -> tuple[str, str, str, str, tuple[str, ...]]:
-        """What the engine diffs: a step re-runs on `pulumi up` when any of these changed."""
-        return (self.host, self.user, self.create, self.stdin, self.triggers)
+    def is_copy(self) -> bool:
+        return bool(self.source)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What the engine diffs: a step re-runs on `pulumi up` when any of these changed.
+        (The engine hashes an archive's content; a copy's triggers carry that hash here.)"""
+        return (
+            self.host,
+            self.user,
+            self.create,
+            self.stdin,
+            *self.triggers,
+            self.source,
+            self.remote_path,
+        )
 
 
 def reveal(value: Any) -> Any:
@@ -257,22 +286,27 @@ def reveal(value: Any) -> Any:
 
 
 def remote_steps(monitor: RecordingMonitor) -> dict[str, RemoteStep]:
-    """Every recorded remote step by name, in registration order."""
-    commands = monitor.of_type(COMMAND_TYPE)
+    """Every recorded remote step (commands and copies) by name, in registration order."""
+    commands = [r for r in monitor.registrations if r.type in (COMMAND_TYPE, COPY_TYPE)]
     names = {c.urn: c.name for c in commands}
     steps: dict[str, RemoteStep] = {}
     for command in commands:
         c = replace(command, inputs=reveal(command.inputs))
         connection = c.inputs["connection"]
+        source = c.inputs.get("source")
         steps[c.name] = RemoteStep(
             name=c.name,
             host=str(connection["host"]),
             user=str(connection.get("user", "root")),
-            create=str(c.inputs["create"]),
+            create=str(c.inputs.get("create", "")),
             stdin=str(c.inputs.get("stdin", "")),
             triggers=tuple(str(t) for t in c.inputs.get("triggers", [])),
             after=tuple(sorted(names[d] for d in c.dependencies if d in names)),
+            source=str(source.path) if isinstance(source, pulumi.FileArchive) else "",
+            remote_path=str(c.inputs.get("remotePath", "")),
         )
+        if c.type == COPY_TYPE and not steps[c.name].source:
+            raise TypeError(f"{c.name}: the lab replays FileArchive sources only, not {source!r}")
     return steps
 
 
@@ -290,15 +324,17 @@ def program_steps(
     stack: str = "lab",
     *,
     lab: bool = False,
+    command_stdout: Callable[[str, Mapping[str, Any]], str | None] | None = None,
 ) -> dict[str, RemoteStep]:
     """Run the program (`__main__.py`) with `config` under mocks answering `facts`;
     the remote steps it registers.
 
     `lab=True` is the lab-only settings path: `load_settings(lab=True)` accepts the fake
     API's http URL and the lab's 198.18.0.0/15 addresses, which stack config alone
-    never can (see components.config.Settings.lab).
+    never can (see components.config.Settings.lab). `command_stdout` answers a
+    command's stdout, as the engine would after running it (see `Mocks`).
     """
-    monitor = install_mocks(Mocks(facts), stack, config, secret_keys)
+    monitor = install_mocks(Mocks(facts, command_stdout), stack, config, secret_keys)
     try:
         if lab:
             with mock.patch.object(config_module, "load_settings", _lab_load_settings):

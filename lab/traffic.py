@@ -1,7 +1,7 @@
 """Bounded HTTP request streams from the lab's client namespace.
 
 ``python -m lab.traffic --url http://198.19.1.1/ --count 500 --duration 10`` prints one
-JSON line per request: ``{"ts", "ok", "status", "served_by", "ms", "error"}`` (``ts`` is
+JSON line per request: ``{"ts", "ok", "status", "served_by", "sha256", "ms", "error"}`` (``ts`` is
 ``time.time()`` when the answer (or the failure) arrived).  Every request opens a new
 connection, so a moved route or a dead daemon shows up at once.  Both ``--count`` and
 ``--duration`` bound the run.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import re
@@ -67,6 +68,8 @@ def fetch(
         match = SERVED_BY_RE.search(body)
         rec["served_by"] = match.group(1).decode() if match else None
         rec["set_cookie"] = resp.getheader("Set-Cookie")
+        # which content answered, wholly: a release switch must never serve a mix
+        rec["sha256"] = hashlib.sha256(body).hexdigest()
     except (OSError, http.client.HTTPException) as exc:
         rec["error"] = f"{type(exc).__name__}: {exc}"
     finally:

@@ -15,6 +15,8 @@ Every step and the whole apply are bounded in time.
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -102,9 +104,12 @@ def apply(
     def execute(step: RemoteStep) -> StepRun:
         t0 = time.monotonic()
         try:
-            r = hosts[step.host].ssh(
-                step.create, stdin=step.stdin, timeout=step_timeout, check=False
-            )
+            if step.is_copy:
+                r = replay_copy(step, hosts[step.host], step_timeout)
+            else:
+                r = hosts[step.host].ssh(
+                    step.create, stdin=step.stdin, timeout=step_timeout, check=False
+                )
         except CloudError as exc:
             return StepRun(step.name, "failed", t0, time.monotonic(), None, "", str(exc))
         status: Status = "ran" if r.returncode == 0 else "failed"
@@ -140,3 +145,42 @@ def apply(
         runs[name] = StepRun(name, "not run")
     ordered = {n: runs[n] for n in steps}
     return ApplyResult(ordered, time.monotonic() - started)
+
+
+def replay_copy(
+    step: RemoteStep, host: CloudHost, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """A `remote.CopyToRemote` of a FileArchive directory, as the provider does it: the
+    directory's content lands at the remote path (created with its parents); when the
+    remote path is an existing directory, the source directory goes inside it.
+
+    The provider copies over SFTP; here tar streams over the same kind of SSH session.
+    """
+    if not step.source or not step.remote_path.startswith("/"):
+        raise CloudError(f"{step.name}: not a copy of a local directory to an absolute path")
+    remote = shlex.quote(step.remote_path)
+    name = shlex.quote(step.source.rstrip("/").rsplit("/", 1)[-1])
+    unpack = (
+        f'set -eu; dest={remote}; [ -d "$dest" ] && dest="$dest"/{name}; '
+        'mkdir -p "$dest" && tar -xf - -C "$dest" --no-same-owner'
+    )
+    with subprocess.Popen(
+        ["tar", "-cf", "-", "-C", step.source, "."], stdout=subprocess.PIPE
+    ) as tar:
+        try:
+            r = subprocess.run(
+                host.ssh_argv(unpack), stdin=tar.stdout, capture_output=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            tar.kill()
+            raise CloudError(f"{step.name}: copy timed out after {timeout:.0f}s") from exc
+        finally:
+            if tar.stdout is not None:
+                tar.stdout.close()
+        tar_rc = tar.wait(timeout=30)
+    stderr = r.stderr.decode(errors="replace")
+    if tar_rc != 0:
+        stderr += f"\nlocal tar of {step.source} failed (exit {tar_rc})"
+    return subprocess.CompletedProcess(
+        r.args, r.returncode or tar_rc, r.stdout.decode(errors="replace"), stderr
+    )

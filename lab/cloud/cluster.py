@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from components.config import PROJECT, Settings, settings_to_config
+from components.site_steps import CHECK_STEP_SUFFIX
 from lab import topology as topo
 from lab.cloud.apply import ApplyResult, apply
 from lab.cloud.common import CloudError, Log
@@ -31,7 +32,7 @@ from lab.cloud.host import BootTiming, CloudHost
 from lab.cloud.lab import CloudLab, parallel
 from lab.cluster import ClusterView, lab_settings, wait_for
 from lab.fake_hcloud import FakeApi, launch
-from lab.program import ProviderFacts, RemoteStep, program_steps
+from lab.program import ProviderFacts, RemoteStep, program_steps, reveal
 from lab.topology import LabNetwork
 
 STATS_PASSWORD = "cloud-lab-stats-password"
@@ -75,6 +76,9 @@ class CloudCluster(ClusterView):
         self.boot_timings: dict[str, BootTiming] = {}
         #: the steps as last applied (what the engine's state would hold)
         self.applied: dict[str, RemoteStep] = {}
+        #: stdout of the commands whose output the program reads, with the inputs it
+        #: came from (the engine's state of those commands)
+        self.outputs: dict[str, tuple[tuple[str, ...], str]] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> CloudCluster:
@@ -149,7 +153,25 @@ class CloudCluster(ClusterView):
     def plan(self) -> dict[str, RemoteStep]:
         """The remote steps the program registers for this cluster (under mocks)."""
         config, secret_keys = self.stack_config()
-        return program_steps(config, secret_keys, self.facts(), lab=True)
+        return program_steps(
+            config, secret_keys, self.facts(), lab=True, command_stdout=self.command_stdout
+        )
+
+    def command_stdout(self, name: str, inputs: Mapping[str, Any]) -> str | None:
+        """The stdout of a command whose output the program reads (the site check):
+        from the state while its inputs are unchanged, else by running it on its host
+        now, as the engine runs it before anything that depends on its output."""
+        if not name.endswith(CHECK_STEP_SUFFIX):
+            return None
+        inputs = reveal(inputs)  # the connection holds the private key: a secret
+        address = str(inputs["connection"]["host"])
+        key = (address, str(inputs["create"]), *map(str, inputs.get("triggers", [])))
+        if name in self.outputs and self.outputs[name][0] == key:
+            return self.outputs[name][1]
+        by_address = {self.address(n): h for n, h in self.hosts.items()}
+        stdout = by_address[address].ssh(str(inputs["create"]), timeout=60).stdout
+        self.outputs[name] = (key, stdout)
+        return stdout
 
     def apply(
         self, steps: Mapping[str, RemoteStep] | None = None, *, force: bool = False

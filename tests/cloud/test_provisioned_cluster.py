@@ -46,6 +46,8 @@ IMAGES = ("debian-13", "debian-12")
 HAPROXY_TEMPLATE = "haproxy/haproxy.cfg.j2"
 HAPROXY_CFG = "/etc/haproxy/haproxy.cfg"
 UNITS_BY_ROLE = {"lb": ("haproxy", "keepalived"), "web": ("apache2",)}
+#: without siteDir a web server's site step switches to the placeholder release
+SITE_STEPS = {"lb": (), "web": ("site",)}
 #: systemd's own journal lines when it (re)starts or reloads a unit
 LIFECYCLE_WORDS = ("Reloading", "Starting", "Stopping", "Started", "Reloaded")
 
@@ -168,7 +170,7 @@ def test_program_steps_provision_every_host(
     expected = {
         f"{c.settings.cluster_name}-{h}-{d}"
         for h, r in hosts.items()
-        for d in ("base", *(x.name for x in render.daemons_for(r)))
+        for d in ("base", *(x.name for x in render.daemons_for(r)), *SITE_STEPS[r])
     }
     assert set(result.runs) == expected
     assert result.named("ran") == list(result.runs), result.runs

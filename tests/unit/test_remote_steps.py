@@ -8,10 +8,12 @@ import gzip
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from components.site import STUB_DIR
 from lab.cloud.apply import apply, changed
 from lab.cloud.common import CloudError
 from lab.program import ProviderFacts, RemoteStep, program_steps
@@ -134,3 +136,40 @@ def test_apply_refuses_steps_it_cannot_place() -> None:
         apply({"a": step("a", "10.9.9.9")}, {"10.0.0.1": RecordingHost()})  # type: ignore[dict-item]
     with pytest.raises(CloudError, match="logs in as"):
         apply({"a": replace(step("a"), user="admin")}, {"10.0.0.1": RecordingHost()})  # type: ignore[dict-item]
+
+
+def test_site_copies_are_steps_the_lab_replays(tmp_path: Path) -> None:
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "index.html").write_text("A\n")
+    plan = steps(siteDir=str(site_dir))
+    copy = plan["hcloud-ha-web-web1-site-copy"]
+    assert copy.is_copy and copy.source == str(site_dir) and copy.create == ""
+    assert copy.remote_path.startswith("/var/www/hcloud-ha-web/.incoming/")
+    assert copy.after == ("hcloud-ha-web-web1-site-check",)
+    switch = plan["hcloud-ha-web-web1-site"]
+    assert "hcloud-ha-web-web1-site-copy" in switch.after and not switch.is_copy
+    # a one-file change: the engine would run exactly the site steps again
+    (site_dir / "index.html").write_text("B\n")
+    assert changed(steps(siteDir=str(site_dir)), plan) == {
+        f"hcloud-ha-web-{h}-{s}"
+        for h in ("web1", "web2")
+        for s in ("site-check", "site-copy", "site")
+    }
+
+
+def test_the_check_answer_decides_what_the_copy_ships(tmp_path: Path) -> None:
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "index.html").write_text("A\n")
+    config, secret_keys = valid_config(siteDir=str(site_dir))
+    asked: list[str] = []
+
+    def answer(name: str, inputs: Any) -> str | None:
+        asked.append(name)
+        return "release-present" if name.endswith("web2-site-check") else None
+
+    plan = program_steps(config, secret_keys, FACTS, command_stdout=answer)
+    assert plan["hcloud-ha-web-web1-site-copy"].source == str(site_dir)
+    assert Path(plan["hcloud-ha-web-web2-site-copy"].source) == STUB_DIR
+    assert "hcloud-ha-web-web2-site-check" in asked
