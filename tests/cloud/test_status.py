@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from lab.cloud.cluster import CloudCluster
 from lab.cloud.common import CloudError
 from lab.cluster import wait_for
+from lab.measure import distribution
 from lab.topology import FLOATING_IP, FLOATING_IP_ID, LB_NAMES, LB_PRIVATE_IPS, LB_SERVER_IDS
 from ops.stack import Result, StackOutputs
 from ops.status import collect, render
+
+if TYPE_CHECKING:
+    from tests.cloud.conftest import Bench
 
 pytestmark = pytest.mark.cloud
 #: a locally administered MAC no host has: a neighbour entry to it drops the peer's VRRP
@@ -75,8 +79,14 @@ def status(c: CloudCluster) -> dict[str, Any]:
     return report
 
 
-def test_a_healthy_cluster_reports_nothing_wrong(cluster: CloudCluster) -> None:
-    report = status(cluster)
+def test_a_healthy_cluster_reports_nothing_wrong(cluster: CloudCluster, bench: Bench) -> None:
+    seconds = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        report = status(cluster)
+        seconds.append(time.monotonic() - t0)
+    spread = distribution(seconds)
+    bench.record("status_collect", spread["median"], "s", **spread, servers=len(cluster.names))
     assert report["problems"] == [], report["problems"]
     assert report["ok"] is True
     assert report["api_owner"] == "lb1"
