@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STACK ?= dev
 export STACK
 
-.PHONY: help venv system-deps up preview destroy status ssh test test-unit test-render lab cloud bench e2e clean
+.PHONY: help venv system-deps up preview destroy status ssh test test-unit test-render lab cloud bench soak e2e clean
 
 help:
 	@echo "make up | preview | destroy   pulumi on stack $(STACK) (local file state by default)"
 	@echo "make test                     every tier: unit, render+check, lab, local cloud"
 	@echo "make status [ARGS=--json]     is the live cluster healthy? (exit 1 naming what is wrong)"
 	@echo "make ssh HOST=lb1             log in as root with the stack's key"
-	@echo "make lab | cloud | bench | e2e | lint"
+	@echo "make lab | cloud | bench | soak | e2e | lint"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +52,15 @@ cloud: venv system-deps
 	$(PY) -m lab.cloud.cluster
 
 # Each benchmark module prints its figures as JSON lines (lab/measure.py); add yours here.
-BENCH_MODULES ?= lab.bench lab.site_state lab.cloud.bench_site lab.bench_ops
+BENCH_MODULES ?= lab.bench lab.bench_http lab.site_state lab.cloud.bench_site lab.bench_ops
 
 bench: venv system-deps
 	@set -e; for m in $(BENCH_MODULES); do echo "# $$m" >&2; $(PY) -m $$m; done
+
+# Chaos soak: random faults under traffic, invariants checked after each (10 min default).
+SOAK_SECONDS ?= 600
+soak: venv system-deps
+	$(PY) -m lab.soak --duration $(SOAK_SECONDS)
 
 e2e: venv system-deps
 	$(PY) -m pytest -m cloud tests/cloud

@@ -158,7 +158,7 @@ class Settings:
     """`vrrpRouterId`: VRRP virtual router id (1-255), unique within the network."""
     vrrp_version: int = 3
     """`vrrpVersion`: 3 (sub-second adverts, no auth) or 2 (1 s adverts, PASS auth)."""
-    vrrp_advert_interval: float = 0.3
+    vrrp_advert_interval: float = 0.2
     """`vrrpAdvertInterval`: seconds between VRRP adverts; host loss is seen after ~3x."""
     haproxy_check_interval_ms: int = 500
     """`haproxyCheckIntervalMs`: HAProxy health-check interval per web server."""

@@ -31,6 +31,12 @@ BACKUP_PRIORITY = 100
 # project's 3600 requests/hour.
 OWNERSHIP_CHECK_INTERVAL = 5
 FAILOVER_SCRIPT = "/usr/local/sbin/hcloud-floating-ip"
+HAPROXY_WATCH = "/usr/local/sbin/hcloud-haproxy-watch"
+#: What the watcher writes (0 HAProxy answers, 1 it is dead) and keepalived tracks.
+HAPROXY_DOWN_FILE = "/run/hcloud-ha-web/haproxy-down"
+#: The longest wait for a supervisor's restart of a dead HAProxy before failing over;
+#: Debian's unit (Restart=always, RestartSec 100 ms) has it back in ~0.25 s.
+HAPROXY_RESTART_WAIT = 1.0
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
 #: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
 FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
@@ -334,6 +340,27 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         ),
     ),
     DaemonSpec(
+        name="watcher",
+        role="lb",
+        files=(
+            FileSpec("keepalived/haproxy-watch.j2", HAPROXY_WATCH, "0755"),
+            FileSpec(
+                "keepalived/hcloud-haproxy-watch.service.j2",
+                "/etc/systemd/system/hcloud-haproxy-watch.service",
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{HAPROXY_WATCH} && rm -rf $STAGE{{root}}"
+            f"{Path(HAPROXY_WATCH).parent}/__pycache__"
+            " && grep -q '^ExecStart=/usr/bin/python3 '"
+            " $STAGE{root}/etc/systemd/system/hcloud-haproxy-watch.service"
+        ),
+        activate=(
+            "systemctl daemon-reload && systemctl enable -q hcloud-haproxy-watch"
+            " && systemctl restart hcloud-haproxy-watch"
+        ),
+    ),
+    DaemonSpec(
         name="keepalived",
         role="lb",
         files=(
@@ -407,6 +434,8 @@ class Layout:
     """Prefix of every path the files name (the lab gives each host its own tree)."""
     haproxy_log_target: str = "/dev/log"
     """HAProxy `log` target: the journal via /dev/log, or `stdout` in the lab."""
+    haproxy_unit: str = "haproxy.service"
+    """The unit whose restarts the HAProxy watcher waits for; empty: no supervisor."""
     failover_log_file: str = ""
     """Empty: the failover script logs to the journal; else it appends to this file."""
     ops_log_file: str = ""
@@ -489,6 +518,9 @@ def host_variables(
         "event_hook": root + EVENT_HOOK,
         "log_file": layout.failover_log_file,
         "haproxy_log_target": layout.haproxy_log_target,
+        "haproxy_unit": layout.haproxy_unit,
+        "haproxy_down_file": root + HAPROXY_DOWN_FILE,
+        "haproxy_restart_wait": HAPROXY_RESTART_WAIT,
         "docroot": root + DOCROOT,
         "node_exporter_port": NODE_EXPORTER_PORT,
         "haproxy_metrics_port": HAPROXY_METRICS_PORT,

@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 from components.config import Settings
 from components.render import (
     APACHE_MODULES,
+    HAPROXY_DOWN_FILE,
+    HAPROXY_WATCH,
     ClusterFacts,
     Layout,
     RenderedFile,
@@ -327,6 +329,7 @@ class LabCluster(ClusterView):
             layout = Layout(
                 root=str(root),
                 haproxy_log_target="stdout",
+                haproxy_unit="",  # no supervisor restarts the lab's HAProxy
                 failover_log_file=str(root / "var/log/hcloud-floating-ip.log"),
                 ops_log_file=str(root / "var/log/hcloud-ha-web-ops.log"),
             )
@@ -593,9 +596,21 @@ class LabCluster(ClusterView):
         path = Path(self.hosts[name].layout.ops_log_file)
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def start_haproxy_watch(self, name: str) -> None:
+        """The watcher that tells keepalived (track_file) when HAProxy dies."""
+        script = str(self.hosts[name].root) + HAPROXY_WATCH
+        self._popen(name, "haproxy-watch", ["python3", script])
+
+    def haproxy_down_flag(self, name: str) -> str:
+        """What the watcher last wrote for keepalived: "0" (HAProxy answers) or "1"."""
+        path = Path(str(self.hosts[name].root) + HAPROXY_DOWN_FILE)
+        return path.read_text().strip() if path.exists() else ""
+
     def start_lb(self, name: str, timeout: float = 10.0) -> None:
         self.start_haproxy(name)
         wait_for(lambda: self.haproxy_healthy(name), timeout, f"haproxy on {name}")
+        self.start_haproxy_watch(name)
+        wait_for(lambda: self.haproxy_down_flag(name) == "0", timeout, f"watcher on {name}")
         self.start_keepalived(name)
 
     def vanish(self, name: str) -> None:

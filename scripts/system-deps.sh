@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(haproxy keepalived apache2 curl iproute2 iptables procps python3 python3-venv
-  debootstrap systemd-container openssh-client openssh-server xz-utils
+  debootstrap systemd-container openssh-client openssh-server xz-utils wrk
   prometheus-node-exporter openssl)
 
 missing=()

@@ -50,6 +50,8 @@ def restore(c: LabCluster) -> None:
         if not c.running(name, "haproxy"):
             c.start_haproxy(name)
             wait_for(lambda n=name: c.haproxy_healthy(n), 10, f"haproxy on {name}")
+        if not c.running(name, "haproxy-watch"):
+            c.start_haproxy_watch(name)
         if not c.running(name, "keepalived"):
             c.start_keepalived(name)
     c.wait_settled(20)

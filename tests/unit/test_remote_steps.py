@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from components.site import STUB_DIR
-from lab.cloud.apply import apply, changed
+from lab.cloud.apply import apply, changed, replay_copy
 from lab.cloud.common import CloudError
 from lab.program import ProviderFacts, RemoteStep, program_steps
 from tests.conftest import valid_config
@@ -43,7 +43,7 @@ def test_steps_connect_to_the_servers_the_provider_reported() -> None:
 def test_steps_carry_the_provider_facts_and_their_dependencies() -> None:
     plan = steps()
     keepalived = plan["hcloud-ha-web-lb2-keepalived"]
-    assert keepalived.after == ("hcloud-ha-web-lb1-keepalived", "hcloud-ha-web-lb2-ops")
+    assert keepalived.after == ("hcloud-ha-web-lb1-keepalived", "hcloud-ha-web-lb2-watcher")
     assert plan["hcloud-ha-web-web1-base"].after == ()
     # the failover script is rendered with the ids the provider gave
     failover = plan["hcloud-ha-web-lb2-failover"]
@@ -173,3 +173,30 @@ def test_the_check_answer_decides_what_the_copy_ships(tmp_path: Path) -> None:
     assert plan["hcloud-ha-web-web1-site-copy"].source == str(site_dir)
     assert Path(plan["hcloud-ha-web-web2-site-copy"].source) == STUB_DIR
     assert "hcloud-ha-web-web2-site-check" in asked
+
+
+class LocalHost:
+    """A host whose SSH session is a local shell: replay_copy's stream, run here."""
+
+    def ssh_argv(self, command: str) -> list[str]:
+        return ["sh", "-c", command]
+
+
+def test_a_copy_is_replayed_as_copy_to_remote_does_it(tmp_path: Path) -> None:
+    source = tmp_path / "site"
+    (source / "css").mkdir(parents=True)
+    (source / "index.html").write_text("A\n")
+    (source / "css" / "a.css").write_text("b {}\n")
+    target = tmp_path / "host" / "incoming" / "abc"
+    copy = RemoteStep("c", "10.0.0.1", "root", "", "", ("abc",), (), str(source), str(target))
+    r = replay_copy(copy, LocalHost(), 30)  # type: ignore[arg-type]
+    assert r.returncode == 0, r.stderr
+    # a new remote path holds the directory's content
+    assert (target / "index.html").read_text() == "A\n"
+    assert (target / "css" / "a.css").read_text() == "b {}\n"
+    # an existing directory gets the source directory inside it
+    r = replay_copy(copy, LocalHost(), 30)  # type: ignore[arg-type]
+    assert r.returncode == 0, r.stderr
+    assert (target / "site" / "index.html").read_text() == "A\n"
+    missing = replace(copy, source=str(tmp_path / "nothing"))
+    assert replay_copy(missing, LocalHost(), 30).returncode != 0  # type: ignore[arg-type]

@@ -355,7 +355,7 @@ def test_the_same_config_without_the_fault_deploys(monitor: RecordingMonitor) ->
         ("lb_private_ips", ("10.0.1.11",), "lbPrivateIps"),
         ("web_private_ips", ("10.0.1.21",), "webPrivateIps"),
         ("vrrp_router_id", 0, "vrrpRouterId"),
-        ("vrrp_version", 2, "vrrpAdvertInterval"),  # 0.3 s is not a whole second
+        ("vrrp_version", 2, "vrrpAdvertInterval"),  # 0.2 s is not a whole second
         ("balance", "random", "balance"),
         ("cluster_name", "Bad_Name", "clusterName"),
     ],
