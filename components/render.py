@@ -199,7 +199,15 @@ def _host_daemons(role: Role) -> tuple[DaemonSpec, ...]:
             role=role,
             files=(FileSpec("host/sshd.conf.j2", "/etc/ssh/sshd_config.d/10-hcloud-ha-web.conf"),),
             validate=_SSHD_VALIDATE,
-            activate="systemctl reload-or-restart ssh",
+            # Not reload: on SIGHUP sshd re-executes itself and re-binds its socket after
+            # systemctl has returned, and a Debian 12 host refused the next step's login
+            # in that gap. restart waits for the new sshd's readiness (Type=notify) and
+            # keeps open sessions (KillMode=process); then check it listens (bounded).
+            activate=(
+                "systemctl restart ssh && for _ in $(seq 1 50); do"
+                " ss -Hltnp | grep -q '\"sshd\"' && break; sleep 0.1; done"
+                " && ss -Hltnp | grep -q '\"sshd\"'"
+            ),
         ),
         DaemonSpec(
             name="updates",
@@ -212,10 +220,9 @@ def _host_daemons(role: Role) -> tuple[DaemonSpec, ...]:
                 ),
             ),
             validate=_UPDATES_VALIDATE,
-            activate=(
-                "systemctl enable -q apt-daily.timer apt-daily-upgrade.timer"
-                " && systemctl start apt-daily.timer apt-daily-upgrade.timer"
-            ),
+            # Nothing to reload: Debian's apt timers (enabled by the apt package) start
+            # unattended-upgrade daily, and it reads this config at every run.
+            activate="true",
         ),
         DaemonSpec(
             name="timesync",
