@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import pulumi
 import pulumi_hcloud as hcloud
 import pulumi_random as random
+import pulumi_tls as tls
 
 from components.config import StackConfig
 from components.provision import provision_cluster
@@ -112,6 +113,8 @@ class HaWebCluster(pulumi.ComponentResource):
     stats_url: pulumi.Output[str]
     stats_password: pulumi.Output[str]
     vrrp_password: pulumi.Output[str]
+    ssh_public_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Output[str]
 
     def __init__(
         self,
@@ -156,6 +159,20 @@ class HaWebCluster(pulumi.ComponentResource):
             ).result
         )
         self.stats_user = s.stats_user
+        # SSH: the configured pair, or an ED25519 pair generated once and kept in the state
+        # (pulumi-tls marks the private halves secret outputs).
+        self.generated_ssh_key: tls.PrivateKey | None = None
+        if stack.secrets.ssh_private_key is not None:
+            self.ssh_public_key = pulumi.Output.from_input(s.ssh_public_key)
+            self.ssh_private_key = pulumi.Output.secret(stack.secrets.ssh_private_key)
+        else:
+            self.generated_ssh_key = tls.PrivateKey(
+                f"{name}-ssh-key",
+                tls.PrivateKeyArgs(algorithm="ED25519"),
+                opts=child(),
+            )
+            self.ssh_public_key = self.generated_ssh_key.public_key_openssh.apply(str.strip)
+            self.ssh_private_key = pulumi.Output.secret(self.generated_ssh_key.private_key_openssh)
         # The ACME account key both LBs share (see components/acme_account.py): 32 random
         # bytes kept as a secret in state; the key itself is derived at render time.
         self.acme_account_seed: pulumi.Output[str] | None = None
@@ -230,7 +247,7 @@ class HaWebCluster(pulumi.ComponentResource):
         self.ssh_key = hcloud.SshKey(
             f"{name}-ssh",
             name=f"{cluster}-admin",
-            public_key=s.ssh_public_key,
+            public_key=self.ssh_public_key,
             labels=labels("admin"),
             opts=child(),
         )
@@ -349,6 +366,8 @@ class HaWebCluster(pulumi.ComponentResource):
             acme_account_seed=self.acme_account_seed,
             # The A records come first: issuance on the first `pulumi up` needs them.
             depends_on=[self.floating_ip_assignment, self.subnet, *self.zone_rrsets],
+            alert_webhook_url=stack.secrets.alert_webhook_url,
+            ssh_private_key=self.ssh_private_key,
         )
 
         self.register_outputs(
@@ -362,6 +381,8 @@ class HaWebCluster(pulumi.ComponentResource):
                 "server_id": self.server_id,
                 "stats_user": self.stats_user,
                 "stats_password": self.stats_password,
+                "ssh_public_key": self.ssh_public_key,
+                "ssh_private_key": self.ssh_private_key,
             }
         )
 
