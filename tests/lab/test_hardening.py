@@ -5,6 +5,7 @@ One cluster for the module. Each test leaves it settled (lb1 sole master, every 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -82,9 +83,19 @@ def _app_server(sock: socket.socket, stop: threading.Event) -> None:
 
 
 def _listen(ip: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((ip, 80))
+    # Apache's killed children may hold port 80 for a moment after their parent died.
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ip, 80))
+            break
+        except OSError as err:
+            sock.close()
+            if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     sock.listen(16)
     sock.settimeout(0.1)
     return sock
