@@ -65,6 +65,11 @@ SERVER_TYPES: Mapping[str, ServerTypeInfo] = {
         f"cpx{n}1": ServerTypeInfo("x86", mem, _ALL)
         for n, mem in ((1, 2048), (2, 4096), (3, 8192), (4, 16384), (5, 32768))
     },
+    # CPX gen 2 (cpx22 is the type DESIGN.md names), offered beside gen 1.
+    **{
+        f"cpx{n}2": ServerTypeInfo("x86", mem, _ALL)
+        for n, mem in ((1, 2048), (2, 4096), (3, 8192), (4, 16384), (5, 24576), (6, 32768))
+    },
     **{
         f"ccx{n}3": ServerTypeInfo("x86", mem, _ALL)
         for n, mem in ((1, 8192), (2, 16384), (3, 32768), (4, 65536), (5, 131072), (6, 196608))

@@ -399,6 +399,16 @@ def test_unlisted_server_type_can_be_allowed_explicitly() -> None:
     assert make_settings(location="ash", server_type="cpx21").server_memory_mib == 4096
 
 
+@pytest.mark.parametrize(
+    ("location", "server_type"),
+    [("nbg1", "cx23"), ("nbg1", "cpx22"), ("ash", "cpx22"), ("sin", "cpx32"), ("hel1", "cax11")],
+)
+def test_current_server_types_are_accepted_where_hetzner_offers_them(
+    location: str, server_type: str
+) -> None:
+    assert make_settings(location=location, server_type=server_type).server_type == server_type
+
+
 def test_settings_are_frozen() -> None:
     s = make_settings()
     with pytest.raises(dataclasses.FrozenInstanceError):
