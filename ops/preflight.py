@@ -10,13 +10,12 @@ import argparse
 import ipaddress
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from components.config import PROJECT
-from ops.stack import REPO_ROOT, StackError, pulumi_cli, pulumi_env
+from ops.stack import StackError, run_pulumi
 
 #: RFC 5737 documentation ranges: Pulumi.dev.yaml's placeholder reaches nothing.
 DOC_RANGES = tuple(
@@ -99,19 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stack", default=os.environ.get("STACK", "dev"))
     args = parser.parse_args(argv)
     try:
-        cli = pulumi_cli()
+        proc = run_pulumi("config", "--json", "--stack", args.stack)
     except StackError as err:
         print(f"preflight: {err}", file=sys.stderr)
         return 2
-    proc = subprocess.run(
-        [cli, "config", "--json", "--stack", args.stack],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO_ROOT,
-        env=pulumi_env(),
-    )
     if proc.returncode != 0:
         print(f"preflight: pulumi config failed: {proc.stderr.strip()[:500]}", file=sys.stderr)
         return 2

@@ -71,15 +71,7 @@ class StackOutputs:
 
     @classmethod
     def load(cls, stack: str) -> StackOutputs:
-        proc = subprocess.run(
-            [pulumi_cli(), "stack", "output", "--json", "--show-secrets", "--stack", stack],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=REPO_ROOT,
-            env=pulumi_env(),
-        )
+        proc = run_pulumi("stack", "output", "--json", "--show-secrets", "--stack", stack)
         if proc.returncode != 0:
             raise StackError(f"pulumi stack output failed: {proc.stderr.strip()[:500]}")
         return cls.from_json(json.loads(proc.stdout))
@@ -118,6 +110,19 @@ def pulumi_env() -> dict[str, str]:
     if not logged_in:
         env["PULUMI_BACKEND_URL"] = f"file://{REPO_ROOT / '.pulumi-state'}"
     return env
+
+
+def run_pulumi(*args: str) -> subprocess.CompletedProcess[str]:
+    """`pulumi ARGS` in the project with the stack's environment, bounded, not checked."""
+    return subprocess.run(
+        [pulumi_cli(), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO_ROOT,
+        env=pulumi_env(),
+    )
 
 
 class SshRunner:

@@ -11,26 +11,15 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from lab import topology as topo
 from lab.cluster import LabCluster, wait_for
-from lab.netns import child_pids, requirements_missing
-from lab.topology import LabNetwork
+from lab.netns import child_pids
 
 pytestmark = pytest.mark.lab
-LAB_REASON = requirements_missing()
 VRRP_PROTO = 112
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LabCluster]:
-    if LAB_REASON:
-        pytest.skip(f"LAB TIER NOT RUN: {LAB_REASON}")
-    with LabNetwork(web_count=2) as lab, LabCluster(lab) as c:
-        yield c
 
 
 def curl_headers(c: LabCluster, path: str) -> tuple[str, dict[str, str], str]:
