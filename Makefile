@@ -5,11 +5,13 @@ PY := $(VENV)/bin/python
 STACK ?= dev
 export STACK
 
-.PHONY: help venv system-deps up preview destroy test test-unit test-render lab cloud bench soak e2e clean
+.PHONY: help venv system-deps up preview destroy status ssh test test-unit test-render lab cloud bench soak e2e clean
 
 help:
 	@echo "make up | preview | destroy   pulumi on stack $(STACK) (local file state by default)"
 	@echo "make test                     every tier: unit, render+check, lab, local cloud"
+	@echo "make status [ARGS=--json]     is the live cluster healthy? (exit 1 naming what is wrong)"
+	@echo "make ssh HOST=lb1             log in as root with the stack's key"
 	@echo "make lab | cloud | bench | soak | e2e | lint"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -25,6 +27,13 @@ system-deps:
 
 up preview destroy: venv
 	./scripts/pulumi-stack.sh $@
+
+status: venv
+	$(PY) -m ops.status --stack $(STACK) $(ARGS)
+
+ssh: venv
+	@test -n "$(HOST)" || { echo "usage: make ssh HOST=lb1" >&2; exit 2; }
+	$(PY) -m ops.ssh --stack $(STACK) $(HOST)
 
 test: venv system-deps
 	$(PY) -m pytest
@@ -43,7 +52,7 @@ cloud: venv system-deps
 	$(PY) -m lab.cloud.cluster
 
 # Each benchmark module prints its figures as JSON lines (lab/measure.py); add yours here.
-BENCH_MODULES ?= lab.bench lab.bench_http lab.site_state lab.cloud.bench_site lab.bench_tls lab.cloud.bench_day2
+BENCH_MODULES ?= lab.bench lab.bench_http lab.site_state lab.cloud.bench_site lab.bench_tls lab.bench_ops lab.cloud.bench_day2
 
 bench: venv system-deps
 	@set -e; for m in $(BENCH_MODULES); do echo "# $$m" >&2; $(PY) -m $$m; done

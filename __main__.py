@@ -17,3 +17,6 @@ pulumi.export("stats_password", cluster.stats_password)
 pulumi.export("public_ipv4", cluster.public_ipv4)
 pulumi.export("private_ip", cluster.private_ip)
 pulumi.export("server_id", cluster.server_id)
+# `make ssh` and `make status` log in with the stack's key (generated unless configured).
+pulumi.export("ssh_public_key", cluster.ssh_public_key)
+pulumi.export("ssh_private_key", cluster.ssh_private_key)

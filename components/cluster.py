@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import pulumi
 import pulumi_hcloud as hcloud
 import pulumi_random as random
+import pulumi_tls as tls
 
 from components.config import StackConfig
 from components.day2 import SshRunner, drain_hook
@@ -114,6 +115,8 @@ class HaWebCluster(pulumi.ComponentResource):
     stats_url: pulumi.Output[str]
     stats_password: pulumi.Output[str]
     vrrp_password: pulumi.Output[str]
+    ssh_public_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Output[str]
 
     def __init__(
         self,
@@ -158,6 +161,20 @@ class HaWebCluster(pulumi.ComponentResource):
             ).result
         )
         self.stats_user = s.stats_user
+        # SSH: the configured pair, or an ED25519 pair generated once and kept in the state
+        # (pulumi-tls marks the private halves secret outputs).
+        self.generated_ssh_key: tls.PrivateKey | None = None
+        if stack.secrets.ssh_private_key is not None:
+            self.ssh_public_key = pulumi.Output.from_input(s.ssh_public_key)
+            self.ssh_private_key = pulumi.Output.secret(stack.secrets.ssh_private_key)
+        else:
+            self.generated_ssh_key = tls.PrivateKey(
+                f"{name}-ssh-key",
+                tls.PrivateKeyArgs(algorithm="ED25519"),
+                opts=child(),
+            )
+            self.ssh_public_key = self.generated_ssh_key.public_key_openssh.apply(str.strip)
+            self.ssh_private_key = pulumi.Output.secret(self.generated_ssh_key.private_key_openssh)
         # The ACME account key both LBs share (see components/acme_account.py): 32 random
         # bytes kept as a secret in state; the key itself is derived at render time.
         self.acme_account_seed: pulumi.Output[str] | None = None
@@ -235,7 +252,7 @@ class HaWebCluster(pulumi.ComponentResource):
         self.ssh_key = hcloud.SshKey(
             f"{name}-ssh",
             name=f"{cluster}-admin",
-            public_key=s.ssh_public_key,
+            public_key=self.ssh_public_key,
             labels=labels("admin"),
             # Names are unique per project: the old key goes before the new one is made.
             # Servers ignore later key changes (keys rotate on the hosts), so replacing
@@ -263,7 +280,7 @@ class HaWebCluster(pulumi.ComponentResource):
         for i, (server_name, ip) in enumerate(zip(s.web_names, s.web_ips, strict=True)):
             group = self.web_placement_groups[i // PLACEMENT_GROUP_MAX]
             plan[server_name] = ("web", ip, group, self.web_firewall)
-        ssh = SshRunner(stack.secrets.ssh_private_key)
+        ssh = SshRunner(self.ssh_private_key)
         step_deps: list[pulumi.Resource] = [self.subnet]
         self.servers: dict[str, hcloud.Server] = {}
 
@@ -363,6 +380,9 @@ class HaWebCluster(pulumi.ComponentResource):
             acme_account_seed=self.acme_account_seed,
             depends_on=step_deps,
             rolling=deployed(cluster),
+            alert_webhook_url=stack.secrets.alert_webhook_url,
+            ssh_private_key=self.ssh_private_key,
+            ssh_public_key=self.ssh_public_key,
         )
 
         # --- outputs -----------------------------------------------------------------
@@ -399,6 +419,8 @@ class HaWebCluster(pulumi.ComponentResource):
                 "server_id": self.server_id,
                 "stats_user": self.stats_user,
                 "stats_password": self.stats_password,
+                "ssh_public_key": self.ssh_public_key,
+                "ssh_private_key": self.ssh_private_key,
             }
         )
 

@@ -65,6 +65,11 @@ SERVER_TYPES: Mapping[str, ServerTypeInfo] = {
         f"cpx{n}1": ServerTypeInfo("x86", mem, _ALL)
         for n, mem in ((1, 2048), (2, 4096), (3, 8192), (4, 16384), (5, 32768))
     },
+    # CPX gen 2 (cpx22 is the type DESIGN.md names), offered beside gen 1.
+    **{
+        f"cpx{n}2": ServerTypeInfo("x86", mem, _ALL)
+        for n, mem in ((1, 2048), (2, 4096), (3, 8192), (4, 16384), (5, 24576), (6, 32768))
+    },
     **{
         f"ccx{n}3": ServerTypeInfo("x86", mem, _ALL)
         for n, mem in ((1, 8192), (2, 16384), (3, 32768), (4, 65536), (5, 131072), (6, 196608))
@@ -128,10 +133,11 @@ HIDDEN = _Hidden("<secret, not shown>")
 class Settings:
     """Every setting of one stack. Field names map to camelCase config keys."""
 
-    ssh_public_key: str
-    """`sshPublicKey` (required): OpenSSH public key installed for root on every server."""
     admin_cidrs: tuple[str, ...]
     """`adminCidrs` (required): CIDRs allowed to reach SSH (22) on every server."""
+    ssh_public_key: str = ""
+    """`sshPublicKey`: OpenSSH public key installed for root on every server. Empty: the
+    program generates an ED25519 key pair (kept secret in the state, public half exported)."""
     location: str = "nbg1"
     """`location`: Hetzner location; decides the network zone (see NETWORK_ZONES)."""
     server_type: str = "cx23"
@@ -264,10 +270,13 @@ class Settings:
 class SecretInputs:
     """Secret config values, kept as Pulumi secrets. None means: generate one."""
 
-    ssh_private_key: pulumi.Output[str]
+    ssh_private_key: pulumi.Output[str] | None
+    """`sshPrivateKey`; None (with an empty sshPublicKey): generate a key pair."""
     failover_token: pulumi.Output[str]
     stats_password: pulumi.Output[str] | None = None
     vrrp_password: pulumi.Output[str] | None = None
+    alert_webhook_url: pulumi.Output[str] | None = None
+    """`alertWebhookUrl`: where the LBs POST alerts (JSON); None: no alerts."""
 
 
 @dataclass(frozen=True)
@@ -346,6 +355,11 @@ _STATS_PASSWORD_RE = re.compile(r"[\x20-\x7e]{1,128}")
 #: keepalived splits words at blanks and starts comments at '#' or '!'; its PASS auth
 #: carries 8 bytes at most.
 _VRRP_PASSWORD_RE = re.compile(r"[A-Za-z0-9$%&()*+,./:;<=>?@\[\]^_`{|}~-]{1,8}")
+#: The alert webhook URL goes into a file the event hook reads: no blanks, quotes or
+#: backslash. http is allowed (a receiver on the private network).
+_WEBHOOK_RE = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&()*+,;=:@%/?-]*)?"
+)
 #: RFC 6750 b64token: what an Authorization header can carry (Hetzner: 64 alphanumerics).
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]{16,256}=*")
 
@@ -375,6 +389,13 @@ def validate_secret(key: str, value: str) -> None:
             "give the API token as Hetzner shows it: one line of letters and digits "
             "(Console > Security > API tokens)",
         )
+    elif key == "alertWebhookUrl":
+        _check(
+            _WEBHOOK_RE.fullmatch(value) is not None,
+            key,
+            HIDDEN,
+            "give an http(s) URL without spaces or quotes, e.g. https://hooks.example.com/T0KEN",
+        )
     else:  # pragma: no cover - a programming error
         raise KeyError(key)
 
@@ -400,7 +421,8 @@ def validate(s: Settings) -> None:
         s.web_count,
         f"use a whole number from 1 to {MAX_WEB_SERVERS}",
     )
-    parse_ssh_public_key(s.ssh_public_key)
+    if s.ssh_public_key:
+        parse_ssh_public_key(s.ssh_public_key)
     for extra in s.extra_ssh_public_keys:
         parse_ssh_public_key(extra, "extraSshPublicKeys")
     _check(
@@ -783,7 +805,7 @@ _LIST_FIELDS = {
     "domains": "domains",
     "webPackages": "web_packages",
 }
-REQUIRED_KEYS = ("sshPublicKey", "adminCidrs")
+REQUIRED_KEYS = ("adminCidrs",)
 
 
 def settings_from_values(get: Callable[[str], Any], *, lab: bool = False) -> Settings:
@@ -795,7 +817,7 @@ def settings_from_values(get: Callable[[str], Any], *, lab: bool = False) -> Set
     for key in REQUIRED_KEYS:
         value = get(key)
         _check(value not in (None, "", []), key, value, f"set it: pulumi config set {key} ...")
-    kwargs["ssh_public_key"] = str(get("sshPublicKey"))
+    kwargs["ssh_public_key"] = str(get("sshPublicKey") or "").strip()
     for key, attr in _STR_FIELDS.items():
         value = get(key)
         if value is not None:
@@ -863,11 +885,20 @@ def load_settings(config: pulumi.Config | None = None, *, lab: bool = False) -> 
 
     settings = settings_from_values(get, lab=lab)
     ssh_private_key = _get_secret(cfg, "sshPrivateKey")
+    # Both halves or neither (then the program generates a pair).
     _check(
-        ssh_private_key is not None,
+        ssh_private_key is not None or not settings.ssh_public_key,
         "sshPrivateKey",
         None,
-        "set it: pulumi config set --secret sshPrivateKey < ~/.ssh/id_ed25519",
+        "sshPublicKey is set, so set its private half too: pulumi config set --secret "
+        "sshPrivateKey < ~/.ssh/id_ed25519 (or unset sshPublicKey to get a generated pair)",
+    )
+    _check(
+        ssh_private_key is None or bool(settings.ssh_public_key),
+        "sshPublicKey",
+        "",
+        "sshPrivateKey is set, so set its public half too: pulumi config set sshPublicKey "
+        '"$(cat ~/.ssh/id_ed25519.pub)" (or unset sshPrivateKey to get a generated pair)',
     )
     token_key = "failoverToken" if _raw(cfg, "failoverToken") else "hcloud:token"
     hcloud_cfg = pulumi.Config("hcloud")
@@ -877,6 +908,7 @@ def load_settings(config: pulumi.Config | None = None, *, lab: bool = False) -> 
         (token_key, token_cfg),
         ("statsPassword", cfg),
         ("vrrpPassword", cfg),
+        ("alertWebhookUrl", cfg),
     ):
         raw = _raw(source, key.removeprefix("hcloud:"))
         if raw:
@@ -895,12 +927,13 @@ def load_settings(config: pulumi.Config | None = None, *, lab: bool = False) -> 
         "set a Hetzner API token for the failover script: "
         "pulumi config set --secret failoverToken <token> (or set hcloud:token)",
     )
-    assert ssh_private_key is not None and failover_token is not None
+    assert failover_token is not None
     secrets = SecretInputs(
         ssh_private_key=ssh_private_key,
         failover_token=failover_token,
         stats_password=_get_secret(cfg, "statsPassword"),
         vrrp_password=_get_secret(cfg, "vrrpPassword"),
+        alert_webhook_url=_get_secret(cfg, "alertWebhookUrl"),
     )
     return StackConfig(settings=settings, secrets=secrets)
 

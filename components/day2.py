@@ -55,11 +55,12 @@ _SOCKET_CLIENT = (
 )
 
 
-def authorized_keys(settings: Settings) -> str:
-    """root's authorized_keys: the current key first, then the extra ones, no repeats."""
+def authorized_keys(settings: Settings, current: str) -> str:
+    """root's authorized_keys: the stack's current key first (configured or generated),
+    then the extra ones, no repeats."""
     keys: list[str] = []
-    for key in (settings.ssh_public_key, *settings.extra_ssh_public_keys):
-        if key.strip() not in keys:
+    for key in (current, *settings.extra_ssh_public_keys):
+        if key.strip() and key.strip() not in keys:
             keys.append(key.strip())
     return "".join(f"{k}\n" for k in keys)
 

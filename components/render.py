@@ -62,6 +62,18 @@ _SAVE_STATE = (
 #: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
 FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
 EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
+# Observability (issue 16): exporters listen on the private address only.
+NODE_EXPORTER_PORT = 9100
+HAPROXY_METRICS_PORT = 9101  # not 8404: the HTTPS work uses 127.0.0.1:8404 for the stats page
+METRICS_SCRIPT = "/usr/local/sbin/hcloud-ha-web-metrics"
+ALERT_URL_FILE = "/etc/hcloud-ha-web/alert-webhook-url"
+STATE_DIR = "/var/lib/hcloud-ha-web"
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+#: PEM bundles HAProxy serves (one cert + key per file); their expiry is exported.
+CERT_GLOB = "/etc/haproxy/certs/*.pem"
+METRICS_INTERVAL = 15
+ALERT_ATTEMPTS = 5
+ALERT_TIMEOUT = 5
 #: Apache modules the site's virtual host uses (rewrite: for apacheConfig's rules).
 APACHE_MODULES = ("remoteip", "usertrack", "rewrite")
 _MODS = " ".join(APACHE_MODULES)
@@ -87,9 +99,10 @@ PACKAGES: Mapping[Role, tuple[str, ...]] = {
         "iproute2",
         "openssl",
         "dehydrated",
+        "prometheus-node-exporter",
         *HOST_PACKAGES,
     ),
-    "web": ("apache2", "curl", "iproute2", *HOST_PACKAGES),
+    "web": ("apache2", "curl", "iproute2", "prometheus-node-exporter", *HOST_PACKAGES),
 }
 #: Unattended reboots (autoReboot) start here and go 30 minutes apart per host group.
 REBOOT_WINDOW_START = (2, 0)
@@ -148,6 +161,32 @@ rm -f "$cfg/sites-enabled/000-default.conf"
 (set +u && . /etc/apache2/envvars && export APACHE_RUN_DIR="$cfg/run" \
   && mkdir -p "$APACHE_RUN_DIR" && apache2 -t -d "$cfg" -f "$cfg/apache2.conf")
 """.replace("{mods}", _MODS)
+
+# Debian's unit runs `prometheus-node-exporter $ARGS`: the exporter itself parses the
+# flags (`--version` last, so a bad flag fails), and the listen address must be an address,
+# not the wildcard.
+_NODE_EXPORTER_VALIDATE = r"""
+. $STAGE{root}/etc/default/prometheus-node-exporter
+case " $ARGS " in *" --web.listen-address="[0-9]*) ;; *)
+  echo "node exporter must listen on the private address: $ARGS" >&2; exit 1 ;; esac
+prometheus-node-exporter $ARGS --version >/dev/null
+"""
+_NODE_EXPORTER_ACTIVATE = (
+    "systemctl enable -q prometheus-node-exporter && systemctl restart prometheus-node-exporter"
+)
+
+
+def _node_exporter(role: Role) -> DaemonSpec:
+    return DaemonSpec(
+        name="exporter",
+        role=role,
+        files=(
+            FileSpec("ops/prometheus-node-exporter.j2", "/etc/default/prometheus-node-exporter"),
+        ),
+        validate=_NODE_EXPORTER_VALIDATE,
+        activate=_NODE_EXPORTER_ACTIVATE,
+    )
+
 
 # sshd -t on the host's sshd_config with the staged drop-ins in place of the live ones,
 # then sshd -T: the values that win (sshd keeps the first it reads) must be ours.
@@ -357,6 +396,35 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         activate="true",
     ),
     DaemonSpec(
+        name="ops",
+        role="lb",
+        files=(
+            FileSpec("ops/hcloud-ha-web-metrics.j2", METRICS_SCRIPT, "0755"),
+            FileSpec("ops/hcloud-ha-web-event.j2", EVENT_HOOK, "0755"),
+            FileSpec("ops/alert-webhook-url.j2", ALERT_URL_FILE, "0600"),
+            FileSpec(
+                "ops/hcloud-ha-web-metrics.service.j2",
+                "/etc/systemd/system/hcloud-ha-web-metrics.service",
+            ),
+            FileSpec(
+                "ops/hcloud-ha-web-metrics.timer.j2",
+                "/etc/systemd/system/hcloud-ha-web-metrics.timer",
+            ),
+        ),
+        validate=(
+            f"python3 -m py_compile $STAGE{{root}}{METRICS_SCRIPT}"
+            f" && python3 -m py_compile $STAGE{{root}}{EVENT_HOOK}"
+            f" && rm -rf $STAGE{{root}}{Path(METRICS_SCRIPT).parent}/__pycache__"
+            " && units=$STAGE{root}/etc/systemd/system"
+            " && grep -q '^ExecStart=/' $units/hcloud-ha-web-metrics.service"
+            " && grep -q '^OnUnitActiveSec=[0-9]' $units/hcloud-ha-web-metrics.timer"
+        ),
+        activate=(
+            f"{METRICS_SCRIPT} collect && systemctl daemon-reload"
+            " && systemctl enable -q --now hcloud-ha-web-metrics.timer"
+        ),
+    ),
+    DaemonSpec(
         name="watcher",
         role="lb",
         files=(
@@ -390,6 +458,8 @@ DAEMONS: tuple[DaemonSpec, ...] = (
     ),
     *_host_daemons("web"),
     *_host_daemons("lb"),
+    _node_exporter("lb"),
+    _node_exporter("web"),
 )
 
 
@@ -423,6 +493,8 @@ class RenderSecrets:
     failover_token: str = field(repr=False)
     acme_account_seed: str = field(default="", repr=False)
     """Base64 seed of the shared ACME account key (components/acme_account.py)."""
+    alert_webhook_url: str = field(default="", repr=False)
+    """Empty: no webhook; the event hook then posts nothing."""
 
     def __post_init__(self) -> None:
         # Generated values pass here too (pulumi_random in components/cluster.py).
@@ -459,6 +531,8 @@ class Layout:
     """How the cert script reloads HAProxy if the runtime API refuses a new certificate."""
     systemd: bool = True
     """False in the lab: the cert script's `activate` then leaves units alone."""
+    ops_log_file: str = ""
+    """Empty: the metrics script and the event hook log to the journal; else this file."""
 
 
 @dataclass(frozen=True)
@@ -542,6 +616,21 @@ def host_variables(
         "haproxy_restart_wait": HAPROXY_RESTART_WAIT,
         "docroot": root + DOCROOT,
         "haproxy_state_file": root + HAPROXY_STATE_FILE,
+        "node_exporter_port": NODE_EXPORTER_PORT,
+        "haproxy_metrics_port": HAPROXY_METRICS_PORT,
+        "metrics_script": root + METRICS_SCRIPT,
+        "alert_url_file": root + ALERT_URL_FILE,
+        "alert_webhook_url": secrets.alert_webhook_url,
+        "alert_attempts": ALERT_ATTEMPTS,
+        "alert_timeout": ALERT_TIMEOUT,
+        "state_dir": root + STATE_DIR,
+        "textfile_dir": root + TEXTFILE_DIR,
+        "keepalived_pid_file": root + "/run/keepalived.pid",
+        "cert_glob": root + CERT_GLOB,
+        "reboot_flag": root + "/run/reboot-required",
+        "metrics_interval": METRICS_INTERVAL,
+        "ops_log_file": layout.ops_log_file,
+        "haproxy_socket": root + "/run/haproxy/admin.sock",
         "release_url": RELEASE_URL,
         "apache_config": settings.apache_config_text,
         "auto_reboot": settings.auto_reboot,

@@ -178,8 +178,13 @@ base={base}
 mkdir -p "$base/releases"
 {unpack}
 # One rename(2) of a symlink: a request resolves either the old or the new release.
-ln -sfn {target} "$base/current.new"
-mv -T "$base/current.new" "$base/current"
+state=switched
+if [ "$(readlink "$base/current" 2>/dev/null)" = {target} ]; then
+  state=unchanged  # a re-run of the same release: nothing to switch
+else
+  ln -sfn {target} "$base/current.new"
+  mv -T "$base/current.new" "$base/current"
+fi
 # Keep the newest {keep} releases (the live one always).
 ls -1t "$base/releases" | grep -Ex '[0-9a-f]{{32}}' | tail -n +{keep + 1} | while read -r old; do
   [ "releases/$old" = {target} ] || rm -rf "$base/releases/$old"
@@ -187,7 +192,7 @@ done
 # Ready when this host's Apache answers with the new release (bounded wait).
 for _ in $(seq 1 {ready_timeout * 5}); do
   if [ "$(curl -fsS --max-time 2 {shlex.quote(probe_url)} 2>/dev/null)" = {release} ]; then
-    echo "hcloud-ha-web: serving release {release}"
+    echo "hcloud-ha-web: site $state, serving release {release}"
     exit 0
   fi
   sleep 0.2

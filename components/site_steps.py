@@ -42,10 +42,13 @@ def site_steps(
     stack: StackConfig,
     webs: Mapping[str, WebHost],
     previous: Sequence[pulumi.Resource] = (),
+    private_key: pulumi.Input[str] | None = None,
 ) -> dict[str, list[pulumi.Resource]]:
     """The site steps of every web server in `webs`, per server, in order. The first
     wave switches after `previous` (the switches of the wave before, when the caller
-    creates the web servers' steps one server at a time)."""
+    creates the web servers' steps one server at a time).
+
+    `private_key`: the stack's SSH key (a generated one is not in `stack`)."""
     settings = stack.settings
     release = site.release_id(settings.site_dir)
     site_path = settings.site_path
@@ -61,7 +64,9 @@ def site_steps(
             connection = remote.ConnectionArgs(
                 host=web.server.ipv4_address,
                 user="root",
-                private_key=stack.secrets.ssh_private_key,
+                private_key=private_key
+                if private_key is not None
+                else stack.secrets.ssh_private_key,
                 dial_error_limit=30,
                 per_dial_timeout=10,
             )

@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lab import topology as topo
 from lab.cluster import LabCluster
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if https and requirements_missing(("pebble", "pebble-challtestsrv", "dehydrated")):
         print("lab: pebble/dehydrated missing (make system-deps): plain HTTP only", flush=True)
         https = False
-    overrides = {"domains": LAB_DOMAINS, "admin_cidrs": (f"{topo.CLIENT_IP}/32",)} if https else {}
+    overrides: dict[str, Any] = (
+        {"domains": LAB_DOMAINS, "admin_cidrs": (f"{topo.CLIENT_IP}/32",)} if https else {}
+    )
     reason = requirements_missing()
     if reason:
         print(f"lab: cannot start: {reason}", file=sys.stderr)

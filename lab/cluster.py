@@ -24,6 +24,7 @@ import base64
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -70,6 +71,8 @@ RUN_BASE = Path("/run")
 STATS_URL_PATH = "/haproxy?stats"
 #: A locally administered MAC no lab interface has (split brain, see partition_lbs).
 BLACKHOLE_MAC = "02:00:5e:ff:ff:01"
+#: Directories the packages create on a real host (node exporter's textfile, LB state).
+_OPS_DIRS = ("var/lib/prometheus/node-exporter", "var/lib/hcloud-ha-web")
 
 
 def wait_for(
@@ -332,8 +335,11 @@ class ClusterView:
 class LabCluster(ClusterView):
     """The daemons of the cluster on a running ``LabNetwork``; :meth:`stop` ends them."""
 
-    def __init__(self, lab: LabNetwork, **settings_overrides: Any) -> None:
+    def __init__(
+        self, lab: LabNetwork, *, alert_webhook_url: str = "", **settings_overrides: Any
+    ) -> None:
         self.lab = lab
+        self.alert_webhook_url = alert_webhook_url
         self.settings_overrides = settings_overrides
         self.base = RUN_BASE / f"{lab.prefix}-lab"
         self.api: FakeApi | None = None
@@ -368,6 +374,7 @@ class LabCluster(ClusterView):
             vrrp_password="lab-vrrp",
             failover_token=self.api.token,
             acme_account_seed=base64.b64encode(secrets.token_bytes(32)).decode(),
+            alert_webhook_url=self.alert_webhook_url,
         )
         for host in [*self.lab.lbs, *self.lab.webs]:
             root = self.base / host.name
@@ -380,6 +387,7 @@ class LabCluster(ClusterView):
                 acme_ca_bundle=str(self.acme.api_ca) if self.acme else "",
                 haproxy_reload_command="",  # the lab hot-loads through the runtime API only
                 systemd=False,
+                ops_log_file=str(root / "var/log/hcloud-ha-web-ops.log"),
             )
             self.hosts[host.name] = HostRuntime(host, root, layout)
         for web in self.lab.webs:
@@ -387,6 +395,10 @@ class LabCluster(ClusterView):
             self.start_apache(web.name)
         for lb in self.lab.lbs:
             self._install_lb(lb.name)
+        for host in [*self.lab.lbs, *self.lab.webs]:
+            self.start_node_exporter(host.name)
+        for host in [*self.lab.lbs, *self.lab.webs]:
+            self.wait_node_exporter(host.name)
         self.start_lb("lb1")
         wait_for(lambda: self.is_master("lb1"), timeout, "lb1 to become VRRP master")
         self.start_lb("lb2")
@@ -494,7 +506,7 @@ class LabCluster(ClusterView):
         if not site.is_symlink():
             site.symlink_to("../sites-available/hcloud-ha-web.conf")
         (conf / "sites-enabled/000-default.conf").unlink(missing_ok=True)
-        for d in ("run/apache2", "var/lock/apache2", "var/log/apache2"):
+        for d in ("run/apache2", "var/lock/apache2", "var/log/apache2", *_OPS_DIRS):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         self._validate(name, "web")
 
@@ -504,7 +516,7 @@ class LabCluster(ClusterView):
         script = interface_facts_script(self.settings.subnet_cidr, rt.layout)
         rt.host.run(["sh", "-ec", script], timeout=15)
         self._write(self.rendered(name))
-        for d in ("run/haproxy", "var/log", "var/lib/haproxy", "var/lib/hcloud-ha-web"):
+        for d in ("run/haproxy", "var/log", "var/lib/haproxy", *_OPS_DIRS):
             (rt.root / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         rt.host.run(["sysctl", "-q", "-p", str(rt.root / "etc/sysctl.d/60-hcloud-ha-web.conf")])
         self._validate(name, "lb")
@@ -652,6 +664,33 @@ class LabCluster(ClusterView):
     def kill_keepalived(self, name: str, sig: int = signal.SIGKILL) -> None:
         self._stop(self.hosts[name], "keepalived", sig)
 
+    def start_node_exporter(self, name: str) -> None:
+        """prometheus-node-exporter with the flags the rendered /etc/default file gives."""
+        rt = self.hosts[name]
+        defaults = rt.root / "etc/default/prometheus-node-exporter"
+        # systemd's EnvironmentFile unquotes the value; `$ARGS` then splits on whitespace
+        args = next(
+            " ".join(shlex.split(line.split("=", 1)[1])).split()
+            for line in defaults.read_text().splitlines()
+            if line.startswith("ARGS=")
+        )
+        self._popen(name, "node-exporter", ["prometheus-node-exporter", *args])
+
+    def wait_node_exporter(self, name: str, timeout: float = 10.0) -> None:
+        try:
+            wait_for(
+                lambda: self.lab[name].run(["ss", "-Hltn", "sport = :9100"]).stdout.strip(),
+                timeout,
+                f"node exporter on {name}",
+            )
+        except TimeoutError as exc:
+            raise LabError(f"{exc}\n{self.daemon_log(name, 'node-exporter')[-2000:]}") from None
+
+    def ops_log(self, name: str) -> str:
+        """What the metrics script and the event hook logged on ``name``."""
+        path = Path(self.hosts[name].layout.ops_log_file)
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def start_haproxy_watch(self, name: str) -> None:
         """The watcher that tells keepalived (track_file) when HAProxy dies."""
         script = str(self.hosts[name].root) + HAPROXY_WATCH
@@ -684,6 +723,7 @@ class LabCluster(ClusterView):
             self.start_lb(name, timeout)
         else:
             self.start_apache(name)
+        self.start_node_exporter(name)
 
     def partition_lbs(self) -> None:
         """Split brain: no packet between the LBs' private addresses gets through.

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import runpy
 import string
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ SERVER_TYPE = "hcloud:index/server:Server"
 FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
 DYNAMIC_TYPE = "pulumi-python:dynamic:Resource"
 GET_SERVERS_TOKEN = "hcloud:index/getServers:getServers"
+TLS_PRIVATE_KEY_TYPE = "tls:index/privateKey:PrivateKey"
 
 T = TypeVar("T")
 
@@ -106,6 +108,10 @@ class Mocks(pulumi.runtime.Mocks):
         elif args.typ == "hcloud:index/networkSubnet:NetworkSubnet":
             # The provider's subnet id is "<network id>-<ip range>".
             rid = f"{args.inputs['networkId']}-{args.inputs['ipRange']}"
+        elif args.typ == TLS_PRIVATE_KEY_TYPE:
+            public, private = generated_ssh_key(args.name)
+            outputs["publicKeyOpenssh"] = public + "\n"  # the provider ends it with a newline
+            outputs["privateKeyOpenssh"] = private
         elif args.typ == COMMAND_TYPE and self.command_stdout is not None:
             stdout = self.command_stdout(args.name, args.inputs)
             if stdout is not None:
@@ -131,6 +137,18 @@ class Mocks(pulumi.runtime.Mocks):
                 ]
             return {"servers": servers, "withSelector": args.args.get("withSelector")}, []
         return {}, []
+
+
+def generated_ssh_key(name: str) -> tuple[str, str]:
+    """A deterministic ED25519-shaped OpenSSH pair standing in for pulumi-tls's."""
+    seed = bytes((sum(map(ord, name)) + i) % 256 for i in range(32))
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + seed
+    private = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+        + base64.b64encode(b"generated:" + seed).decode()
+        + "\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()}", private
 
 
 def generated_password(name: str, length: int, special: bool) -> str:

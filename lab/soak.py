@@ -49,6 +49,7 @@ KINDS = ("haproxy_crash", "lb_host_loss", "web_crash", "split_brain", "api_error
 API_FAULT_KINDS = (*ERROR_FAULTS, "drop", "action_error")
 SETTLE_TIMEOUT = 40.0
 QUIET_WINDOW = 2.0
+SLOW_API_SECONDS = 2.0
 MAX_DURATION = 4 * 3600.0
 MAX_FAULTS = 5000
 
@@ -132,8 +133,18 @@ class Soak:
         return self.haproxy_crash()
 
     def api_slow(self) -> Callable[[], None]:
-        self.api.set_faults([{"kind": "slow", "seconds": 2.0}])
-        return self.haproxy_crash()
+        self.api.set_faults([{"kind": "slow", "seconds": SLOW_API_SECONDS}])
+        heal_crash = self.haproxy_crash()
+
+        def heal() -> None:
+            heal_crash()
+            # An assign the API held back lands up to SLOW_API_SECONDS after it was sent,
+            # so it may land after lb1 has taken the IP back: the fault is over only then.
+            # lb1's ownership check (every 5 s) then claims the IP again, within the
+            # settle timeout; the invariants are checked after that.
+            time.sleep(SLOW_API_SECONDS + 0.5)
+
+        return heal
 
     # -- invariants ----------------------------------------------------------------------
     def settled(self) -> bool:

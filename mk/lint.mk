@@ -14,8 +14,8 @@ LINT_BIN := $(VENV)/bin
 
 # Python code that ruff lints and formats, and the code mypy type-checks. $(wildcard) keeps
 # only the paths that exist, so a tree that lacks one of them still lints the rest.
-RUFF_PATHS ?= $(wildcard components lab tests __main__.py)
-MYPY_PATHS ?= $(wildcard components lab __main__.py)
+RUFF_PATHS ?= $(wildcard components lab ops tests __main__.py)
+MYPY_PATHS ?= $(wildcard components lab ops __main__.py)
 WORKFLOWS ?= $(wildcard .github/workflows/*.yml .github/workflows/*.yaml)
 
 .PHONY: lint lint-ruff lint-format lint-mypy lint-actions lint-fix lint-tools

@@ -17,4 +17,8 @@ if [ -z "${PULUMI_BACKEND_URL:-}" ] && ! pulumi whoami >/dev/null 2>&1; then
   echo "state: local file backend in .pulumi-state/ (set PULUMI_BACKEND_URL to change)"
 fi
 pulumi stack select --create "$stack" >/dev/null
+# Required config missing: print the exact `pulumi config set` commands, not the CLI's error.
+if [ "$action" = up ] || [ "$action" = preview ]; then
+  .venv/bin/python -m ops.preflight --stack "$stack" || exit 2
+fi
 exec pulumi "$action" --stack "$stack" "$@"

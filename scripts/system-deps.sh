@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(haproxy keepalived apache2 curl iproute2 iptables procps python3 python3-venv
   debootstrap systemd-container openssh-client openssh-server xz-utils wrk
-  openssl dehydrated pebble nghttp2-client)
+  prometheus-node-exporter openssl dehydrated pebble nghttp2-client)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -85,7 +85,14 @@ def make_stack(
     )
 
 
-SECRET_KEYS = ("sshPrivateKey", "failoverToken", "statsPassword", "vrrpPassword", "token")
+SECRET_KEYS = (
+    "sshPrivateKey",
+    "failoverToken",
+    "statsPassword",
+    "vrrpPassword",
+    "alertWebhookUrl",
+    "token",
+)
 
 
 def valid_config(**overrides: Any) -> tuple[dict[str, str], list[str]]:

@@ -141,8 +141,9 @@ def edited_templates(
             env.loader = loader
 
 
-def add_to_frontend(line: str) -> Callable[[str], str]:
-    anchor = "    default_backend web\n"
+def add_to_backend(line: str) -> Callable[[str], str]:
+    # The `web` backend is rendered with and without `domains` (the frontends differ).
+    anchor = "backend web\n    balance {{ balance }}\n"
 
     def edit(text: str) -> str:
         assert anchor in text
@@ -341,7 +342,7 @@ def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, benc
     header = "X-Hcloud-Ha-Web-Revision"
     pids = {n: cluster.main_pids(n) for n in cluster.names}
     before = dict(cluster.applied)
-    with edited_templates(add_to_frontend(f"http-response set-header {header} template-change")):
+    with edited_templates(add_to_backend(f"http-response set-header {header} template-change")):
         plan = cluster.plan()
     touched = changed(plan, before)
     # the two HAProxy steps, and the LBs' readiness checks after them
@@ -387,7 +388,7 @@ def test_invalid_config_fails_its_step_and_the_service_keeps_serving(
 ) -> None:
     pids = {lb: cluster.main_pids(lb) for lb in LB_NAMES}
     digests = {lb: file_digest(cluster, lb, HAPROXY_CFG) for lb in LB_NAMES}
-    with edited_templates(add_to_frontend("this-is-not-a-directive on")):
+    with edited_templates(add_to_backend("this-is-not-a-directive on")):
         plan = cluster.plan()
     stream = TrafficStream(cluster.lab.client, cluster.url, duration=60, timeout=5.0)
     try:

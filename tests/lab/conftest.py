@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from lab.cluster import LabCluster
 from lab.fake_hcloud import FakeApi, launch
 from lab.netns import Host, requirements_missing
 from lab.topology import FLOATING_IP, LabNetwork
@@ -49,6 +50,17 @@ def lab_net() -> Iterator[LabNetwork]:
         pytest.skip(f"LAB TIER NOT RUN: {LAB_REASON}")
     with LabNetwork(web_count=2) as lab:
         yield lab
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LabCluster]:
+    """The whole cluster (2 web servers) on a fresh topology, one per test module.
+
+    A module that needs other settings (test_https.py) defines its own `cluster`."""
+    if LAB_REASON:
+        pytest.skip(f"LAB TIER NOT RUN: {LAB_REASON}")
+    with LabNetwork(web_count=2) as lab, LabCluster(lab) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from lab.cluster import LabCluster, assign_calls, wait_for
-from lab.netns import requirements_missing
-from lab.topology import LabNetwork
 from tests.lab.test_scenarios import restore
 
 pytestmark = pytest.mark.lab
-LAB_REASON = requirements_missing()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LabCluster]:
-    if LAB_REASON:
-        pytest.skip(f"LAB TIER NOT RUN: {LAB_REASON}")
-    with LabNetwork(web_count=2) as lab, LabCluster(lab) as c:
-        yield c
 
 
 @pytest.fixture(autouse=True)

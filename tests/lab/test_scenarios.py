@@ -14,26 +14,16 @@ import pytest
 
 from components.render import OWNERSHIP_CHECK_INTERVAL
 from lab.cluster import LabCluster, assign_calls, wait_for
-from lab.netns import requirements_missing
 from lab.scenarios import (
     check_lb_failover,
     check_round_robin,
     check_sticky,
     check_web_server_loss,
 )
-from lab.topology import CLIENT_IP, FLOATING_IP, LB_NAMES, LB_SERVER_IDS, LabNetwork
+from lab.topology import CLIENT_IP, FLOATING_IP, LB_NAMES, LB_SERVER_IDS
 from lab.traffic import TrafficStream, fetch, outage
 
 pytestmark = pytest.mark.lab
-LAB_REASON = requirements_missing()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LabCluster]:
-    if LAB_REASON:
-        pytest.skip(f"LAB TIER NOT RUN: {LAB_REASON}")
-    with LabNetwork(web_count=2) as lab, LabCluster(lab) as c:
-        yield c
 
 
 def restore(c: LabCluster) -> None:

@@ -16,7 +16,18 @@ from tests.conftest import make_settings
 
 __all__ = ["NetnsHost", "checker_missing", "make_settings", "write_tree"]
 
-CHECKERS = ("haproxy", "keepalived", "apache2", "ip", "python3")
+# Every program a validate command runs (components/render.py DAEMONS).
+CHECKERS = (
+    "haproxy",
+    "keepalived",
+    "apache2",
+    "sshd",
+    "apt-config",
+    "openssl",
+    "prometheus-node-exporter",
+    "ip",
+    "python3",
+)
 
 
 def checker_missing() -> str:
@@ -27,9 +38,7 @@ def checker_missing() -> str:
         c for c in CHECKERS if shutil.which(c) is None and not Path(f"/usr/sbin/{c}").exists()
     ]
     if missing:
-        return (
-            f"render+check needs {', '.join(missing)} (apt-get install haproxy keepalived apache2)"
-        )
+        return f"render+check needs {', '.join(missing)} (as root: make system-deps)"
     return ""
 
 

@@ -98,6 +98,21 @@ def test_releases_switch_prune_and_roll_back_without_shipping_twice(
     assert (docroot / "current").is_symlink()
 
 
+def test_a_rerun_of_the_live_release_switches_nothing(host: Path, tmp_path: Path) -> None:
+    src = make_site(tmp_path, "A")
+    rid, _ = release(host, tmp_path, src)
+    current = host / site.DOCROOT.lstrip("/") / "current"
+    before = current.lstat()
+    shutil.copytree(site.STUB_DIR, site.incoming_path(rid, str(host)))
+    again = sh(site.activate_script(rid, 3, "http://unused/", str(host), 2), tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "site unchanged" in again.stdout, again.stdout
+    assert current.lstat().st_ino == before.st_ino, "the live symlink was replaced"
+    # a different release does switch
+    release(host, tmp_path, make_site(tmp_path, "B"))
+    assert current.lstat().st_ino != before.st_ino
+
+
 def test_the_placeholder_is_a_release_too(host: Path, tmp_path: Path) -> None:
     release(host, tmp_path, make_site(tmp_path, "A"))
     step = sh(site.activate_script("placeholder", 3, "http://unused/", str(host), 2), tmp_path)

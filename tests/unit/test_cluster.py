@@ -421,7 +421,11 @@ def test_main_exports_every_output_and_keeps_the_password_secret(
         "public_ipv4",
         "private_ip",
         "server_id",
+        "ssh_public_key",
+        "ssh_private_key",
     }
+    assert is_secret(exports["ssh_private_key"])
+    assert resolve(exports["ssh_private_key"]) == PRIVATE_KEY
     names = {"lb1", "lb2", "web1", "web2", "web3"}
     for key in ("public_ipv4", "private_ip", "server_id"):
         assert set(exports[key]) == names

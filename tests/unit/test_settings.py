@@ -28,7 +28,13 @@ from tests.conftest import (
     valid_config,
 )
 
-SECRET_CONFIG_KEYS = {"sshPrivateKey", "failoverToken", "statsPassword", "vrrpPassword"}
+SECRET_CONFIG_KEYS = {
+    "sshPrivateKey",
+    "failoverToken",
+    "statsPassword",
+    "vrrpPassword",
+    "alertWebhookUrl",
+}
 #: Every config key the program reads (config.py's own tables plus its secret keys).
 ALL_KEYS = (
     set(cfgmod._STR_FIELDS)
@@ -38,6 +44,7 @@ ALL_KEYS = (
     | set(cfgmod._LIST_FIELDS)
     | set(cfgmod._BOOL_FIELDS)
     | set(cfgmod.REQUIRED_KEYS)
+    | {"sshPublicKey"}
     | SECRET_CONFIG_KEYS
 )
 
@@ -152,7 +159,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("webCount zero", {"webCount": "0"}, "webCount", "0"),
     ("webCount negative", {"webCount": "-1"}, "webCount", "-1"),
     ("webCount not a number", {"webCount": "two"}, "webCount", "two"),
-    ("sshPublicKey missing", {"sshPublicKey": None}, "sshPublicKey", "None"),
+    ("sshPublicKey missing, private set", {"sshPublicKey": None}, "sshPublicKey", "''"),
     ("sshPublicKey blank", {"sshPublicKey": ""}, "sshPublicKey", "''"),
     ("adminCidrs missing", {"adminCidrs": None}, "adminCidrs", "None"),
     ("adminCidrs empty", {"adminCidrs": []}, "adminCidrs", "[]"),
@@ -393,6 +400,16 @@ def test_unlisted_server_type_can_be_allowed_explicitly() -> None:
     assert make_settings(location="ash", server_type="cpx21").server_memory_mib == 4096
 
 
+@pytest.mark.parametrize(
+    ("location", "server_type"),
+    [("nbg1", "cx23"), ("nbg1", "cpx22"), ("ash", "cpx22"), ("sin", "cpx32"), ("hel1", "cax11")],
+)
+def test_current_server_types_are_accepted_where_hetzner_offers_them(
+    location: str, server_type: str
+) -> None:
+    assert make_settings(location=location, server_type=server_type).server_type == server_type
+
+
 def test_settings_are_frozen() -> None:
     s = make_settings()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -456,9 +473,8 @@ def test_required_keys_have_no_default_and_only_they_lack_one() -> None:
     secret key), so exactly the required keys go without one."""
     declared = _project()["config"]
     required = {key for key, spec in declared.items() if "default" not in spec}
-    assert required == {*cfgmod.REQUIRED_KEYS, "sshPrivateKey"}
-    assert declared["sshPrivateKey"].get("secret") is True
-    for key in SECRET_CONFIG_KEYS - {"sshPrivateKey"}:
+    assert required == set(cfgmod.REQUIRED_KEYS) == {"adminCidrs"}
+    for key in SECRET_CONFIG_KEYS | {"sshPublicKey"}:
         assert declared[key]["default"] == "", key  # blank = unset, see load_settings
 
 
