@@ -29,7 +29,14 @@ import pulumi
 from components.identity import ClusterIdentityProvider
 from lab.cloud.common import CloudError
 from lab.cloud.host import CloudHost
-from lab.program import COMMAND_TYPE, DYNAMIC_TYPE, SERVER_TYPE, PlannedResource, RemoteStep
+from lab.program import (
+    COMMAND_TYPE,
+    COPY_TYPE,
+    DYNAMIC_TYPE,
+    SERVER_TYPE,
+    PlannedResource,
+    RemoteStep,
+)
 
 Status = Literal["ran", "failed", "unchanged", "not run"]
 STEP_TIMEOUT = 900.0
@@ -189,6 +196,9 @@ class Cloud(Protocol):
     def run(self, address: str, script: str, stdin: str) -> tuple[int, str, str]:
         """Run `script` as root on the server at `address` (a command's create/delete)."""
 
+    def copy(self, name: str) -> tuple[int, str, str]:
+        """Run the `remote.CopyToRemote` `name` of the new program (its archive lands)."""
+
     def server_create(self, name: str, inputs: Mapping[str, Any]) -> None: ...
 
     def server_delete(self, name: str) -> None: ...
@@ -314,6 +324,10 @@ def rollout(
             note(what, r.name, t0)
             status: Status = "ran" if rc == 0 else "failed"
             return StepRun(r.name, status, t0, time.monotonic(), rc, out, err)
+        if r.type == COPY_TYPE:
+            rc, out, err = cloud.copy(r.name)
+            note(what, r.name, t0)
+            return StepRun(r.name, "ran" if rc == 0 else "failed", t0, time.monotonic(), rc, out, err)
         if r.type == SERVER_TYPE:
             cloud.server_create(r.name, r.inputs)
         note(what, r.name, t0)

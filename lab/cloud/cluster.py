@@ -31,7 +31,7 @@ from components.render import ACME_RENEW_DAYS, CERT_SCRIPT, TLS_CERT
 from components.site_steps import CHECK_STEP_SUFFIX
 from lab import topology as topo
 from lab.acme import PebbleCA, launch_acme
-from lab.cloud.apply import STEP_TIMEOUT, ApplyResult, Event, apply, rollout
+from lab.cloud.apply import STEP_TIMEOUT, ApplyResult, Event, apply, replay_copy, rollout
 from lab.cloud.common import CloudError, Log
 from lab.cloud.host import BootTiming, CloudHost
 from lab.cloud.lab import CloudLab, parallel
@@ -92,6 +92,8 @@ class CloudCluster(ClusterView):
         #: stdout of the commands whose output the program reads, with the inputs it
         #: came from (the engine's state of those commands)
         self.outputs: dict[str, tuple[tuple[str, ...], str]] = {}
+        #: the remote steps of the program `update` is rolling out (its copies replay them)
+        self._steps: dict[str, RemoteStep] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> CloudCluster:
@@ -238,6 +240,7 @@ class CloudCluster(ClusterView):
             self.settings, self.web_count = previous, previous.web_count
             raise
         day2.REMOTE_RUNNER = self._run_hook_script
+        self._steps = steps
         try:
             result, events = rollout(self.state, new, self, hooks=day2.HOOKS)
         finally:
@@ -266,6 +269,15 @@ class CloudCluster(ClusterView):
             r = host.ssh(script, stdin=stdin, timeout=STEP_TIMEOUT, check=False)
         except CloudError as exc:
             return 255, "", str(exc)
+        return r.returncode, r.stdout, r.stderr
+
+    def copy(self, name: str) -> tuple[int, str, str]:
+        step = self._steps[name]
+        hosts = {self.address(n): h for n, h in self.hosts.items()}
+        host = hosts.get(step.host)
+        if host is None or not host.running:
+            return 255, "", f"no running server at {step.host}"
+        r = replay_copy(step, host, STEP_TIMEOUT)
         return r.returncode, r.stdout, r.stderr
 
     def _run_hook_script(self, address: str, script: str) -> None:

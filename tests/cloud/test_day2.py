@@ -109,6 +109,7 @@ def test_server_type_change_power_cycles_one_turn_at_a_time(
     lab powers it off and on (what Hetzner does), and its serve step takes it back."""
     c = day2_cluster
     result, events, figures = change(c, bench, "day2_server_type", server_type="cx33")
+    assert result.ok, result.failure()
     names = [(e.what, e.name) for e in events]
     for host in c.names:
         hook = names.index(("hook", f"hcloud-ha-web-{host}-drain"))
