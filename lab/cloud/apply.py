@@ -15,6 +15,7 @@ Every step and the whole apply are bounded in time.
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import threading
@@ -41,6 +42,29 @@ from lab.program import (
 Status = Literal["ran", "failed", "unchanged", "not run"]
 STEP_TIMEOUT = 900.0
 APPLY_TIMEOUT = 1800.0
+
+
+#: pulumi-command retries a connection that fails before the command starts
+#: (`dialErrorLimit`, the program sets 30; `perDialTimeout` 10 s): an sshd restarted by
+#: another step must not fail a step that happens to connect in that moment.
+DIAL_ATTEMPTS = 30
+DIAL_PAUSE = 1.0
+_DIAL_FAILURE = re.compile(
+    r"ssh: connect to host \S+ port \d+: (Connection refused|Connection timed out|No route to host)"
+)
+
+
+def run_step(
+    host: CloudHost, script: str, stdin: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a command's `create` (or `delete`) on `host` as the provider does, dial
+    retries included."""
+    for _ in range(DIAL_ATTEMPTS - 1):
+        r = host.ssh(script, stdin=stdin, timeout=timeout, check=False)
+        if r.returncode != 255 or not _DIAL_FAILURE.search(r.stderr):
+            return r
+        time.sleep(DIAL_PAUSE)
+    return host.ssh(script, stdin=stdin, timeout=timeout, check=False)
 
 
 @dataclass(frozen=True)
@@ -117,9 +141,7 @@ def apply(
             if step.is_copy:
                 r = replay_copy(step, hosts[step.host], step_timeout)
             else:
-                r = hosts[step.host].ssh(
-                    step.create, stdin=step.stdin, timeout=step_timeout, check=False
-                )
+                r = run_step(hosts[step.host], step.create, step.stdin, step_timeout)
         except CloudError as exc:
             return StepRun(step.name, "failed", t0, time.monotonic(), None, "", str(exc))
         status: Status = "ran" if r.returncode == 0 else "failed"
@@ -327,7 +349,9 @@ def rollout(
         if r.type == COPY_TYPE:
             rc, out, err = cloud.copy(r.name)
             note(what, r.name, t0)
-            return StepRun(r.name, "ran" if rc == 0 else "failed", t0, time.monotonic(), rc, out, err)
+            return StepRun(
+                r.name, "ran" if rc == 0 else "failed", t0, time.monotonic(), rc, out, err
+            )
         if r.type == SERVER_TYPE:
             cloud.server_create(r.name, r.inputs)
         note(what, r.name, t0)

@@ -54,7 +54,7 @@ def one_run(record: Callable[[str, Change], None]) -> float:
         record("day2_failed_activation_fixed", rolling_change(c, balance="leastconn"))
         record("day2_web_count_3_to_4", rolling_change(c, web_count=4))
         record("day2_web_count_4_to_2", rolling_change(c, web_count=2))
-        record("day2_server_type", rolling_change(c, server_type="cx33"))
+        record("day2_server_type", rolling_change(c, server_type="cpx12"))
         key, public = _new_key(Path(t))
         record("day2_ssh_key_add", rolling_change(c, extra_ssh_public_keys=(public,)))
         assert c.cloud is not None

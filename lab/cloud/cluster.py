@@ -31,7 +31,7 @@ from components.render import ACME_RENEW_DAYS, CERT_SCRIPT, TLS_CERT
 from components.site_steps import CHECK_STEP_SUFFIX
 from lab import topology as topo
 from lab.acme import PebbleCA, launch_acme
-from lab.cloud.apply import STEP_TIMEOUT, ApplyResult, Event, apply, replay_copy, rollout
+from lab.cloud.apply import STEP_TIMEOUT, ApplyResult, Event, apply, replay_copy, rollout, run_step
 from lab.cloud.common import CloudError, Log
 from lab.cloud.host import BootTiming, CloudHost
 from lab.cloud.lab import CloudLab, parallel
@@ -266,7 +266,7 @@ class CloudCluster(ClusterView):
         if host is None or not host.running:
             return 255, "", f"no running server at {address}"
         try:
-            r = host.ssh(script, stdin=stdin, timeout=STEP_TIMEOUT, check=False)
+            r = run_step(host, script, stdin, STEP_TIMEOUT)
         except CloudError as exc:
             return 255, "", str(exc)
         return r.returncode, r.stdout, r.stderr

@@ -226,11 +226,6 @@ class CloudHost:
             "--timezone=off",
             "--link-journal=no",
             "--console=read-only",
-            # A Hetzner VM's systemd lets services raise their open-file limit to 524288
-            # (DefaultLimitNOFILE=1024:524288); nspawn would hand the container this
-            # process's hard limit instead (20000 here), and HAProxy sized for an 8 GiB
-            # server type (maxconn 32768, ~65600 FDs) would refuse to start.
-            "--rlimit=RLIMIT_NOFILE=1024:524288",
         ]
         if self.lab.nspawn_features.get("suppress-sync"):
             # dpkg's fsyncs are the slowest part of apt in a lab
