@@ -25,7 +25,7 @@ from typing import Any
 
 from lab.cloud.cluster import CloudCluster
 from lab.cloud.common import requirements_missing
-from lab.cloud.rolling import Change, rolling_change
+from lab.cloud.rolling import DAY2_SITE, Change, rolling_change
 from lab.measure import emit, emit_distribution
 
 IMAGE, NEW_IMAGE = "debian-12", "debian-13"
@@ -41,7 +41,10 @@ def _new_key(tmp: Path) -> tuple[Path, str]:
 
 def one_run(record: Callable[[str, Change], None]) -> float:
     """One cluster, every change in order; returns the first deployment's seconds."""
-    with CloudCluster(IMAGE, web_count=3, spare_webs=1) as c, tempfile.TemporaryDirectory() as t:
+    with (
+        CloudCluster(IMAGE, web_count=3, spare_webs=1, **DAY2_SITE) as c,
+        tempfile.TemporaryDirectory() as t,
+    ):
         first = c.apply()
         if not first.ok:
             raise RuntimeError(first.failure())

@@ -29,6 +29,12 @@ from lab.traffic import TrafficStream
 
 #: Steps that ship files (a tar.gz on stdin): one per daemon.
 DAEMON_STEPS = tuple(f"-{d.name}" for d in DAEMONS)
+#: The site the day-2 scenarios run on: HTTPS from the lab's ACME CA (Pebble), the stats
+#: page open to the client.
+DAY2_SITE: dict[str, Any] = {
+    "domains": ("site.lab.example", "www.site.lab.example"),
+    "admin_cidrs": (f"{topo.CLIENT_IP}/32",),
+}
 #: Bound on the sampler's life.
 MAX_SAMPLES = 5000
 
@@ -152,10 +158,16 @@ def differences_from_fresh(cluster: CloudCluster) -> list[str]:
     return problems
 
 
-def summary(out: OutOfService, records: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(
+    out: OutOfService, records: list[dict[str, Any]], https: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What a change did to the traffic (HTTP and, with domains, HTTPS) and the hosts."""
+    tls = https or []
     return {
-        "failed_requests": sum(1 for r in records if not r["ok"]),
-        "requests": len(records),
+        "failed_requests": sum(1 for r in [*records, *tls] if not r["ok"]),
+        "requests": len(records) + len(tls),
+        "https_requests": len(tls),
+        "https_failed_requests": sum(1 for r in tls if not r["ok"]),
         "most_lbs_out": out.most_lbs_out(),
         "most_webs_out": out.most_webs_out(),
         "samples": len(out.samples),
@@ -175,11 +187,23 @@ class Change:
 
 def rolling_change(c: CloudCluster, duration: float = 280, **settings: Any) -> Change:
     """`c.update(**settings)` while the client sends a request every 20 ms (a new
-    connection each, 5 s timeout) and `OutOfService` samples the LBs; then the cluster
-    settles (lb1 master, every web server UP)."""
+    connection each, 5 s timeout; with domains an HTTPS stream as well) and
+    `OutOfService` samples the LBs; then the cluster settles (lb1 master, every web
+    server UP)."""
     stream = TrafficStream(c.lab.client, c.url, duration=duration, count=100_000, timeout=5.0)
+    # With domains, HTTPS too: verified against the CA with the site's name, so a host
+    # serving its placeholder certificate (before its first issuance) fails a request.
+    tls = (
+        TrafficStream(c.lab.client, c.https_url, duration=duration, count=100_000, timeout=5.0,
+                      **c.tls_stream_args())
+        if c.domains
+        else None
+    )  # fmt: skip
+    https: list[dict[str, Any]] | None = None
     try:
         stream.wait_started()
+        if tls is not None:
+            tls.wait_started()
         with OutOfService(c) as out:
             t0 = time.monotonic()
             result, events = c.update(**settings)
@@ -188,4 +212,6 @@ def rolling_change(c: CloudCluster, duration: float = 280, **settings: Any) -> C
                 c.wait_settled(60)
     finally:
         records = stream.stop()
-    return Change(result, events, seconds, summary(out, records))
+        if tls is not None:
+            https = tls.stop()
+    return Change(result, events, seconds, summary(out, records, https))

@@ -1,5 +1,5 @@
-"""Day-2 changes on a running Debian cluster under continuous HTTP traffic: each one is
-the program's own resources, diffed against the last deployment and replayed in the
+"""Day-2 changes on a running Debian cluster under continuous HTTP and HTTPS traffic:
+each one is the program's own resources, diffed against the last deployment and replayed in the
 engine's order (lab.cloud.apply.rollout). Each ends with no failed request, never more
 than one LB or half the web servers out at once, and the hosts as a fresh deployment
 with the new settings would leave them.
@@ -22,7 +22,7 @@ import pytest
 
 from lab.cloud.apply import ApplyResult, Event
 from lab.cloud.cluster import CloudCluster
-from lab.cloud.rolling import differences_from_fresh, rolling_change
+from lab.cloud.rolling import DAY2_SITE, differences_from_fresh, rolling_change
 
 if TYPE_CHECKING:
     from tests.cloud.conftest import Bench
@@ -40,7 +40,7 @@ NEW_SERVER_TYPE = "cpx12"
 
 @pytest.fixture(scope="module")
 def day2_cluster(cloud_prefix: str, bench: Bench) -> Iterator[CloudCluster]:
-    with CloudCluster(IMAGE, web_count=3, spare_webs=1) as c:
+    with CloudCluster(IMAGE, web_count=3, spare_webs=1, **DAY2_SITE) as c:
         result = c.apply()
         assert result.ok, result.failure()
         bench.record(
@@ -63,6 +63,7 @@ def change(
 def assert_rolled(c: CloudCluster, result: ApplyResult, figures: dict[str, Any]) -> None:
     assert result.ok, result.failure()
     assert figures["requests"] > 50, figures
+    assert figures["https_requests"] > 25, figures  # HTTPS ran through the change too
     assert figures["failed_requests"] == 0, figures
     assert figures["samples"] > 0, figures  # the out-of-service probes ran
     assert figures["most_lbs_out"] <= 1, figures
