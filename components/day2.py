@@ -243,7 +243,9 @@ def drain_hook(
 ) -> pulumi.ResourceHook:
     """A `before_update` hook for a server: the engine runs it before an in-place update
     (a resize powers the server off), so the server hands over first. The engine runs
-    before-hooks before the step and fails the step when the hook raises."""
+    before-hooks before the step and fails the step when the hook raises; a before_update
+    hook gets the old outputs (the address). Pulumi docs, resource option `hooks`:
+    https://www.pulumi.com/docs/iac/concepts/options/hooks/"""
     script = drain_script(role, settings)
 
     def drain(args: pulumi.ResourceHookArgs) -> None:

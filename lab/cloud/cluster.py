@@ -296,6 +296,8 @@ class CloudCluster(ClusterView):
         h = self.cloud.host(host, self.lab[host].ns, str(inputs["image"]))
         self.boot_timings.update(self.cloud.boot(h))
         self.hosts[host] = h
+        if self.acme is not None and host in topo.LB_NAMES:
+            self._trust_lab_acme_ca((host,))  # a fresh image, before any step runs
 
     def server_delete(self, name: str) -> None:
         host = self._host_of(name)
@@ -355,12 +357,13 @@ class CloudCluster(ClusterView):
         )
 
     # -- HTTPS -------------------------------------------------------------------------
-    def _trust_lab_acme_ca(self) -> None:
+    def _trust_lab_acme_ca(self, names: tuple[str, ...] = topo.LB_NAMES) -> None:
         """The LBs' ACME client (curl) trusts Pebble's API through the system store of
-        these lab hosts only; the program itself ships no trust for it."""
+        these lab hosts only (as a Hetzner image trusts Let's Encrypt's); the program
+        itself ships no trust for it."""
         assert self.acme is not None
         pem = self.acme.api_ca.read_text()
-        for name in topo.LB_NAMES:
+        for name in names:
             self.ssh(
                 name,
                 "cat > /usr/local/share/ca-certificates/hcloud-ha-web-lab-acme.crt"
