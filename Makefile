@@ -52,7 +52,7 @@ cloud: venv system-deps
 	$(PY) -m lab.cloud.cluster
 
 # Each benchmark module prints its figures as JSON lines (lab/measure.py); add yours here.
-BENCH_MODULES ?= lab.bench lab.bench_http lab.site_state lab.cloud.bench_site lab.bench_tls lab.bench_ops
+BENCH_MODULES ?= lab.bench lab.bench_http lab.site_state lab.cloud.bench_site lab.bench_tls lab.bench_ops lab.cloud.bench_day2
 
 bench: venv system-deps
 	@set -e; for m in $(BENCH_MODULES); do echo "# $$m" >&2; $(PY) -m $$m; done

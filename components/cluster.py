@@ -30,7 +30,9 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components.config import StackConfig
-from components.provision import provision_cluster
+from components.day2 import SshRunner, drain_hook
+from components.identity import ClusterIdentity
+from components.provision import HostSteps, provision_cluster
 from components.render import STATS_LOCAL_PORT
 
 TYPE_TOKEN = "hcloud-ha-web:index:HaWebCluster"
@@ -188,13 +190,16 @@ class HaWebCluster(pulumi.ComponentResource):
                 "page only on each LB's localhost. Set domains and acmeEmail for HTTPS."
             )
 
+        # --- what cannot roll: refused before anything changes (components/identity.py)
+        self.identity = ClusterIdentity(f"{name}-identity", s, opts=child())
+
         # --- network -----------------------------------------------------------------
         self.network = hcloud.Network(
             f"{name}-net",
             name=f"{cluster}-net",
             ip_range=s.network_cidr,
             labels=labels("network"),
-            opts=child(),
+            opts=child(depends_on=[self.identity]),
         )
         self.subnet = hcloud.NetworkSubnet(
             f"{name}-subnet",
@@ -211,7 +216,7 @@ class HaWebCluster(pulumi.ComponentResource):
             name=f"{cluster}-lb",
             type="spread",
             labels=labels("lb"),
-            opts=child(),
+            opts=child(depends_on=[self.identity]),
         )
         self.web_placement_groups: list[hcloud.PlacementGroup] = []
         group_count = -(-s.web_count // PLACEMENT_GROUP_MAX)
@@ -223,7 +228,7 @@ class HaWebCluster(pulumi.ComponentResource):
                     name=f"{cluster}-web{suffix}",
                     type="spread",
                     labels=labels("web"),
-                    opts=child(),
+                    opts=child(depends_on=[self.identity]),
                 )
             )
 
@@ -233,14 +238,14 @@ class HaWebCluster(pulumi.ComponentResource):
             name=f"{cluster}-lb",
             rules=lb_firewall_rules(s.admin_cidrs),
             labels=labels("lb"),
-            opts=child(),
+            opts=child(depends_on=[self.identity]),
         )
         self.web_firewall = hcloud.Firewall(
             f"{name}-web-fw",
             name=f"{cluster}-web",
             rules=web_firewall_rules(s.admin_cidrs),
             labels=labels("web"),
-            opts=child(),
+            opts=child(depends_on=[self.identity]),
         )
 
         # --- SSH key -----------------------------------------------------------------
@@ -249,21 +254,41 @@ class HaWebCluster(pulumi.ComponentResource):
             name=f"{cluster}-admin",
             public_key=self.ssh_public_key,
             labels=labels("admin"),
-            opts=child(),
+            # Names are unique per project: the old key goes before the new one is made.
+            # Servers ignore later key changes (keys rotate on the hosts), so replacing
+            # this key replaces no server.
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[self.identity], delete_before_replace=True
+            ),
         )
 
-        # --- servers -----------------------------------------------------------------
-        plan: list[tuple[str, str, str, hcloud.PlacementGroup, hcloud.Firewall]] = []
+        # --- Floating IP, initially on lb1; keepalived owns it afterwards ------------------
+        self.floating_ip_resource = hcloud.FloatingIp(
+            f"{name}-fip",
+            name=f"{cluster}-vip",
+            type="ipv4",
+            home_location=s.location,
+            description=f"{cluster}: site address, moved between lb1 and lb2 by keepalived",
+            labels=labels("lb"),
+            opts=child(depends_on=[self.identity]),
+        )
+
+        # --- servers, each followed by its remote steps -------------------------------
+        plan: dict[str, tuple[str, str, hcloud.PlacementGroup, hcloud.Firewall]] = {}
         for server_name, ip in zip(s.lb_names, s.lb_ips, strict=True):
-            plan.append((server_name, "lb", ip, self.lb_placement_group, self.lb_firewall))
+            plan[server_name] = ("lb", ip, self.lb_placement_group, self.lb_firewall)
         for i, (server_name, ip) in enumerate(zip(s.web_names, s.web_ips, strict=True)):
             group = self.web_placement_groups[i // PLACEMENT_GROUP_MAX]
-            plan.append((server_name, "web", ip, group, self.web_firewall))
-
+            plan[server_name] = ("web", ip, group, self.web_firewall)
+        ssh = SshRunner(self.ssh_private_key)
+        step_deps: list[pulumi.Resource] = [self.subnet]
         self.servers: dict[str, hcloud.Server] = {}
-        for server_name, role, ip, group, firewall in plan:
-            self.servers[server_name] = hcloud.Server(
-                f"{name}-{server_name}",
+
+        def make_server(server_name: str, gate: Sequence[pulumi.Resource]) -> hcloud.Server:
+            role, ip, group, firewall = plan[server_name]
+            resource_name = f"{name}-{server_name}"
+            server = hcloud.Server(
+                resource_name,
                 name=f"{cluster}-{server_name}",
                 server_type=s.server_type,
                 image=s.image,
@@ -278,25 +303,36 @@ class HaWebCluster(pulumi.ComponentResource):
                 # rejects network_id and subnet_id together. alias_ips=[] avoids a
                 # detach/attach on every update (provider docs).
                 networks=[hcloud.ServerNetworkArgs(subnet_id=self.subnet.id, ip=ip, alias_ips=[])],
-                opts=child(depends_on=[self.subnet]),
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    # The turn of the previous servers must be over (rolling changes).
+                    depends_on=[self.subnet, self.identity, *gate],
+                    # Name and private IP are unique: the old server must give them up
+                    # before its successor is created.
+                    delete_before_replace=True,
+                    # Keys rotate on the hosts (the keys step); a new key list must not
+                    # replace every server.
+                    ignore_changes=["sshKeys"],
+                    # A resize powers the server off: it hands over first.
+                    hooks=pulumi.ResourceHookBinding(
+                        before_update=[drain_hook(resource_name, role, s, ssh)]
+                    ),
+                ),
             )
-
-        # --- Floating IP, initially on lb1; keepalived owns it afterwards ------------------
-        self.floating_ip_resource = hcloud.FloatingIp(
-            f"{name}-fip",
-            name=f"{cluster}-vip",
-            type="ipv4",
-            home_location=s.location,
-            description=f"{cluster}: site address, moved between lb1 and lb2 by keepalived",
-            labels=labels("lb"),
-            opts=child(),
-        )
-        self.floating_ip_assignment = hcloud.FloatingIpAssignment(
-            f"{name}-fip-lb1",
-            floating_ip_id=self.floating_ip_resource.id.apply(_as_int),
-            server_id=self.servers["lb1"].id.apply(_as_int),
-            opts=child(ignore_changes=["server_id"]),
-        )
+            self.servers[server_name] = server
+            if server_name == "lb1":
+                self.floating_ip_assignment = hcloud.FloatingIpAssignment(
+                    f"{name}-fip-lb1",
+                    floating_ip_id=self.floating_ip_resource.id.apply(_as_int),
+                    server_id=server.id.apply(_as_int),
+                    # keepalived moves the address at runtime; a replaced lb1 must not
+                    # take it back either (ignore_changes also holds in the engine's
+                    # delete-before-replace cascade, which diffs with ignoreChanges).
+                    opts=child(ignore_changes=["server_id"]),
+                )
+                # lb1 holds the address before keepalived starts (first deployment).
+                step_deps.append(self.floating_ip_assignment)
+            return server
 
         # --- DNS: A records + reverse DNS of the floating IP (with dnsZone) ---------------
         self.floating_ip = self.floating_ip_resource.ip_address
@@ -328,6 +364,27 @@ class HaWebCluster(pulumi.ComponentResource):
                 opts=child(),
             )
 
+        # Remote steps per server. They wait for the subnet (private IP attached); a
+        # deployed cluster changes one turn at a time (components/provision.py).
+        # The A records come first: issuance on the first `pulumi up` needs them. (The
+        # list grows: lb1's floating IP assignment joins it once lb1 exists.)
+        step_deps.extend(self.zone_rrsets)
+        self.provisioned: Mapping[str, HostSteps] = provision_cluster(
+            parent=self,
+            name=name,
+            stack=stack,
+            make_server=make_server,
+            floating_ip=self.floating_ip_resource,
+            stats_password=self.stats_password,
+            vrrp_password=self.vrrp_password,
+            acme_account_seed=self.acme_account_seed,
+            depends_on=step_deps,
+            rolling=deployed(cluster),
+            alert_webhook_url=stack.secrets.alert_webhook_url,
+            ssh_private_key=self.ssh_private_key,
+            ssh_public_key=self.ssh_public_key,
+        )
+
         # --- outputs -----------------------------------------------------------------
         if s.domains:
             primary = s.domains[0]
@@ -351,25 +408,6 @@ class HaWebCluster(pulumi.ComponentResource):
             n: srv.id.apply(_as_int) for n, srv in self.servers.items()
         }
 
-        # --- provisioning seam ---------------------------------------------------------
-        # Remote steps per server ("lb1" -> [base, haproxy, keepalived, ...]). They wait for
-        # the subnet (private IP attached) and the Floating IP assignment (lb1 holds it
-        # before keepalived starts).
-        self.provisioned: Mapping[str, Sequence[pulumi.Resource]] = provision_cluster(
-            parent=self,
-            name=name,
-            stack=stack,
-            servers=self.servers,
-            floating_ip=self.floating_ip_resource,
-            stats_password=self.stats_password,
-            vrrp_password=self.vrrp_password,
-            acme_account_seed=self.acme_account_seed,
-            # The A records come first: issuance on the first `pulumi up` needs them.
-            depends_on=[self.floating_ip_assignment, self.subnet, *self.zone_rrsets],
-            alert_webhook_url=stack.secrets.alert_webhook_url,
-            ssh_private_key=self.ssh_private_key,
-        )
-
         self.register_outputs(
             {
                 "floating_ip": self.floating_ip,
@@ -385,6 +423,17 @@ class HaWebCluster(pulumi.ComponentResource):
                 "ssh_private_key": self.ssh_private_key,
             }
         )
+
+
+def deployed(cluster: str) -> bool:
+    """Whether servers of this cluster exist already (Hetzner's server list, by label).
+
+    A deployed cluster changes one turn at a time (rolling); a first deployment creates
+    every server in parallel. The servers' `depends_on` differs between the two, which
+    the engine records but never diffs: it changes no resource.
+    """
+    found = hcloud.get_servers(with_selector=f"cluster={cluster}")
+    return bool(found.servers)
 
 
 def _first_private_ip(networks: Sequence[hcloud.outputs.ServerNetwork] | None) -> str:

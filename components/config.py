@@ -180,6 +180,15 @@ class Settings:
     """`haproxyCheckRise`: passed checks before a web server is marked up again."""
     cluster_name: str = PROJECT
     """`clusterName`: prefix of resource names and the `cluster` label."""
+    extra_ssh_public_keys: tuple[str, ...] = ()
+    """`extraSshPublicKeys`: more OpenSSH public keys for root, beside sshPublicKey (a key
+    rotation adds the new key here first; see the README)."""
+    web_max_unavailable: float = 0.5
+    """`webMaxUnavailable`: share of the web servers a rolling change may take out of
+    service at once (0 < share <= 1; always at least two waves)."""
+    allow_disruptive_changes: bool = False
+    """`allowDisruptiveChanges`: let a change of location, networkCidr or clusterName
+    through on a deployed stack (it rebuilds the cluster with downtime)."""
     # --- HTTPS (issue 11) -------------------------------------------------------------
     domains: tuple[str, ...] = ()
     """`domains`: DNS names the site answers on, the first is the primary. Empty: plain
@@ -307,25 +316,29 @@ def _parse_net(key: str, value: str) -> ipaddress.IPv4Network:
     return net
 
 
-def parse_ssh_public_key(value: str) -> str:
+def parse_ssh_public_key(value: str, key: str = "sshPublicKey") -> str:
     """Return the key type if `value` is one OpenSSH public key line, else raise."""
     fix = "give one OpenSSH public key line, e.g. the content of ~/.ssh/id_ed25519.pub"
     if "PRIVATE KEY" in value:
         # Never echo a private key into logs; say what it is instead.
-        raise SettingsError(
-            "sshPublicKey", "<a private key, not shown>", f"that is a private key; {fix}"
-        )
+        raise SettingsError(key, "<a private key, not shown>", f"that is a private key; {fix}")
     parts = value.strip().split()
-    _check(len(parts) >= 2 and "\n" not in value.strip(), "sshPublicKey", value, fix)
+    # The line goes into authorized_keys: one line, printable, no options before the type.
+    _check(
+        len(parts) >= 2 and "\n" not in value.strip() and value.strip().isprintable(),
+        key,
+        value,
+        fix,
+    )
     key_type, blob = parts[0], parts[1]
-    _check(key_type in SSH_KEY_TYPES, "sshPublicKey", value, f"unknown key type; {fix}")
+    _check(key_type in SSH_KEY_TYPES, key, value, f"unknown key type; {fix}")
     try:
         raw = base64.b64decode(blob, validate=True)
         (length,) = struct.unpack(">I", raw[:4])
         embedded = raw[4 : 4 + length].decode("ascii")
     except (binascii.Error, struct.error, UnicodeDecodeError):
-        raise SettingsError("sshPublicKey", value, f"the key data is not valid; {fix}") from None
-    _check(embedded == key_type, "sshPublicKey", value, f"key data does not match type; {fix}")
+        raise SettingsError(key, value, f"the key data is not valid; {fix}") from None
+    _check(embedded == key_type, key, value, f"key data does not match type; {fix}")
     return key_type
 
 
@@ -410,6 +423,14 @@ def validate(s: Settings) -> None:
     )
     if s.ssh_public_key:
         parse_ssh_public_key(s.ssh_public_key)
+    for extra in s.extra_ssh_public_keys:
+        parse_ssh_public_key(extra, "extraSshPublicKeys")
+    _check(
+        isinstance(s.web_max_unavailable, float | int) and 0 < s.web_max_unavailable <= 1,
+        "webMaxUnavailable",
+        s.web_max_unavailable,
+        "give a share of the web servers above 0 and at most 1, e.g. 0.5",
+    )
     _check(
         len(s.admin_cidrs) > 0,
         "adminCidrs",
@@ -748,10 +769,14 @@ _INT_FIELDS = {
     "hstsMaxAge": "hsts_max_age",
     "siteReleases": "site_releases",
 }
-_FLOAT_FIELDS = {"vrrpAdvertInterval": "vrrp_advert_interval"}
+_FLOAT_FIELDS = {
+    "vrrpAdvertInterval": "vrrp_advert_interval",
+    "webMaxUnavailable": "web_max_unavailable",
+}
 _BOOL_FIELDS = {
     "allowUnlistedServerType": "allow_unlisted_server_type",
     "autoReboot": "auto_reboot",
+    "allowDisruptiveChanges": "allow_disruptive_changes",
 }
 _STR_FIELDS = {
     "location": "location",
@@ -776,6 +801,7 @@ _LIST_FIELDS = {
     "adminCidrs": "admin_cidrs",
     "lbPrivateIps": "lb_private_ips",
     "webPrivateIps": "web_private_ips",
+    "extraSshPublicKeys": "extra_ssh_public_keys",
     "domains": "domains",
     "webPackages": "web_packages",
 }
@@ -809,7 +835,7 @@ def settings_from_values(get: Callable[[str], Any], *, lab: bool = False) -> Set
             try:
                 kwargs[attr] = float(str(value))
             except ValueError:
-                raise SettingsError(key, value, "give a number of seconds") from None
+                raise SettingsError(key, value, "give a number") from None
     for key, attr in _BOOL_FIELDS.items():
         value = get(key)
         if value is not None:

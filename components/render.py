@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,24 @@ HAPROXY_DOWN_FILE = "/run/hcloud-ha-web/haproxy-down"
 #: Debian's unit (Restart=always, RestartSec 100 ms) has it back in ~0.25 s.
 HAPROXY_RESTART_WAIT = 1.0
 TOKEN_FILE = "/etc/hcloud-ha-web/failover-token"
+HAPROXY_STATE_DIR = "/var/lib/haproxy"
+HAPROXY_STATE_FILE = f"{HAPROXY_STATE_DIR}/server-state"
+# `show servers state` through the runtime socket into a file (temp file + rename).
+_SAVE_STATE = (
+    "import os,socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX)\n"
+    "s.settimeout(5)\n"
+    "s.connect(sys.argv[1])\n"
+    "s.sendall(b'show servers state\\n')\n"
+    "out=b''\n"
+    "for _ in range(10000):\n"
+    "    b=s.recv(65536)\n"
+    "    if not b: break\n"
+    "    out+=b\n"
+    "tmp=sys.argv[2]+'.tmp'\n"
+    "open(tmp,'wb').write(out)\n"
+    "os.replace(tmp,sys.argv[2])\n"
+)
 #: Team contract: the failover script's outcome (JSON) and the operator's alert hook.
 FAILOVER_STATE_FILE = "/var/lib/hcloud-ha-web/failover-state.json"
 EVENT_HOOK = "/usr/local/sbin/hcloud-ha-web-event"
@@ -326,7 +345,14 @@ DAEMONS: tuple[DaemonSpec, ...] = (
         role="lb",
         files=(FileSpec("haproxy/haproxy.cfg.j2", "/etc/haproxy/haproxy.cfg", "0600"),),
         validate=_PLACEHOLDER + "haproxy -c -f $STAGE{root}/etc/haproxy/haproxy.cfg",
-        activate="systemctl enable -q haproxy && systemctl reload-or-restart haproxy",
+        # The servers' states (DOWN, drained) survive the reload: saved just before it,
+        # loaded by the new process (`server-state-file`, `load-server-state-from-file`).
+        activate=(
+            "mkdir -p {root}" + HAPROXY_STATE_DIR + " && if [ -S {root}/run/haproxy/admin.sock ];"
+            " then python3 -c " + shlex.quote(_SAVE_STATE) + " {root}/run/haproxy/admin.sock"
+            " {root}" + HAPROXY_STATE_FILE + " || echo 'hcloud-ha-web: server states not saved'"
+            " >&2; fi && systemctl enable -q haproxy && systemctl reload-or-restart haproxy"
+        ),
     ),
     DaemonSpec(
         # After haproxy: HAProxy already answers the http-01 challenges when the first
@@ -589,6 +615,7 @@ def host_variables(
         "haproxy_down_file": root + HAPROXY_DOWN_FILE,
         "haproxy_restart_wait": HAPROXY_RESTART_WAIT,
         "docroot": root + DOCROOT,
+        "haproxy_state_file": root + HAPROXY_STATE_FILE,
         "node_exporter_port": NODE_EXPORTER_PORT,
         "haproxy_metrics_port": HAPROXY_METRICS_PORT,
         "metrics_script": root + METRICS_SCRIPT,

@@ -30,3 +30,34 @@ def web_waves(
     if count > 1:
         size = min(size, count - 1)
     return tuple(tuple(web_names[i : i + size]) for i in range(0, count, size))
+
+
+def lb_order(lb_names: Sequence[str]) -> tuple[str, ...]:
+    """The order a rolling change goes through the LBs: the backup (lb2) first, so the
+    master keeps the floating IP until its peer is ready again, then the master."""
+    return tuple(reversed(lb_names))
+
+
+def rolling_gates(
+    lb_names: Sequence[str],
+    web_names: Sequence[str],
+    max_unavailable: float = DEFAULT_MAX_UNAVAILABLE,
+) -> dict[str, tuple[str, ...]]:
+    """For every server, the servers whose readiness its turn waits for.
+
+    Two independent chains: the LBs one by one (`lb_order`), the web servers wave by
+    wave (`web_waves`). A server's turn (replace, resize, reconfigure) starts only when
+    every server of the previous turn is ready again, so at most one LB and one wave of
+    web servers are out of service at any moment.
+    """
+    gates: dict[str, tuple[str, ...]] = {}
+    previous: tuple[str, ...] = ()
+    for lb in lb_order(lb_names):
+        gates[lb] = previous
+        previous = (lb,)
+    previous = ()
+    for wave in web_waves(web_names, max_unavailable):
+        for web in wave:
+            gates[web] = previous
+        previous = wave
+    return gates

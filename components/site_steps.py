@@ -10,7 +10,7 @@ and nothing else depends on the site's content, so a site change re-runs only th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,17 +41,21 @@ def site_steps(
     name: str,
     stack: StackConfig,
     webs: Mapping[str, WebHost],
+    previous: Sequence[pulumi.Resource] = (),
     private_key: pulumi.Input[str] | None = None,
 ) -> dict[str, list[pulumi.Resource]]:
-    """The site steps of every web server in `webs`, per server, in order.
+    """The site steps of every web server in `webs`, per server, in order. The first
+    wave switches after `previous` (the switches of the wave before, when the caller
+    creates the web servers' steps one server at a time).
 
     `private_key`: the stack's SSH key (a generated one is not in `stack`)."""
     settings = stack.settings
     release = site.release_id(settings.site_dir)
     site_path = settings.site_path
     out: dict[str, list[pulumi.Resource]] = {}
-    previous_wave: list[pulumi.Resource] = []
-    for wave in web_waves([h for h in settings.web_names if h in webs]):
+    previous_wave: list[pulumi.Resource] = list(previous)
+    waves = web_waves([h for h in settings.web_names if h in webs], settings.web_max_unavailable)
+    for wave in waves:
         this_wave: list[pulumi.Resource] = []
         for host in wave:
             web = webs[host]

@@ -42,6 +42,8 @@ COMMAND_TYPE = "command:remote:Command"
 COPY_TYPE = "command:remote:CopyToRemote"
 SERVER_TYPE = "hcloud:index/server:Server"
 FLOATING_IP_TYPE = "hcloud:index/floatingIp:FloatingIp"
+DYNAMIC_TYPE = "pulumi-python:dynamic:Resource"
+GET_SERVERS_TOKEN = "hcloud:index/getServers:getServers"
 TLS_PRIVATE_KEY_TYPE = "tls:index/privateKey:PrivateKey"
 
 T = TypeVar("T")
@@ -55,6 +57,9 @@ class ProviderFacts:
     """Server resource name (e.g. "hcloud-ha-web-lb1") -> (server id, IPv4 address)."""
     floating_ip: tuple[int, str]
     """(floating IP id, address)."""
+    deployed: bool = False
+    """Whether the cluster's servers exist already (what `hcloud.get_servers` finds):
+    a deployed cluster changes in rolling turns."""
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -78,7 +83,11 @@ class Mocks(pulumi.runtime.Mocks):
         outputs = dict(args.inputs)
         key = (args.typ, args.name)
         if key not in self._by_name:
-            self._by_name[key] = (str(next(self._ids)), next(self._hosts))
+            # Ids from the name, not the registration order (which varies between runs):
+            # two runs of the program must see equal ids to diff as the engine would.
+            digest = int(hashlib.sha256(f"{args.typ}::{args.name}".encode()).hexdigest(), 16)
+            rid = str(1001 + digest % 10**9)
+            self._by_name[key] = (rid, next(self._hosts))
         rid, host = self._by_name[key]
         if args.typ == SERVER_TYPE:
             outputs["ipv4Address"] = f"203.0.113.{host}"
@@ -119,7 +128,15 @@ class Mocks(pulumi.runtime.Mocks):
         return rid, outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
-        return {}, None
+        if args.token == GET_SERVERS_TOKEN:
+            servers = []
+            if self.facts is not None and self.facts.deployed:
+                servers = [
+                    {"id": server_id, "name": name, "ipv4Address": address}
+                    for name, (server_id, address) in self.facts.servers.items()
+                ]
+            return {"servers": servers, "withSelector": args.args.get("withSelector")}, []
+        return {}, []
 
 
 def generated_ssh_key(name: str) -> tuple[str, str]:
@@ -155,6 +172,11 @@ class Registration:
     wire: dict[str, Any]  # serialized, secret values still wrapped
     id: str = ""
     state: dict[str, Any] = field(default_factory=dict)  # what the mocked provider returned
+    property_dependencies: dict[str, list[str]] = field(default_factory=dict)
+    """Input name -> URNs its value came from (what the engine's replacement cascade reads)."""
+    delete_before_replace: bool = False
+    hooks: dict[str, list[str]] = field(default_factory=dict)
+    """Hook kind ("before_update", ...) -> names of the resource hooks bound to it."""
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -184,6 +206,11 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                     wire=json_format.MessageToDict(request.object),
                     id=response.id,
                     state=rpc.deserialize_properties(response.object),
+                    property_dependencies={
+                        k: list(v.urns) for k, v in request.propertyDependencies.items()
+                    },
+                    delete_before_replace=bool(request.deleteBeforeReplace),
+                    hooks=_hooks(request),
                 )
             )
         return response
@@ -204,6 +231,16 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
 
     def by_urn(self, urn: str) -> Registration:
         return next(r for r in self.registrations if r.urn == urn)
+
+
+def _hooks(request: Any) -> dict[str, list[str]]:
+    if not request.HasField("hooks"):
+        return {}
+    return {
+        kind: list(getattr(request.hooks, kind))
+        for kind in ("before_create", "before_update", "before_delete")
+        if list(getattr(request.hooks, kind))
+    }
 
 
 def install_mocks(
@@ -340,6 +377,17 @@ def program_steps(
     never can (see components.config.Settings.lab). `command_stdout` answers a
     command's stdout, as the engine would after running it (see `Mocks`).
     """
+    return remote_steps(_recorded(config, secret_keys, facts, stack, lab, command_stdout))
+
+
+def _recorded(
+    config: Mapping[str, str],
+    secret_keys: list[str],
+    facts: ProviderFacts,
+    stack: str,
+    lab: bool,
+    command_stdout: Callable[[str, Mapping[str, Any]], str | None] | None,
+) -> RecordingMonitor:
     monitor = install_mocks(Mocks(facts, command_stdout), stack, config, secret_keys)
     try:
         if lab:
@@ -349,4 +397,63 @@ def program_steps(
             run_main()
     finally:
         pulumi.runtime.set_all_config({}, [])
-    return remote_steps(monitor)
+    return monitor
+
+
+# --- every resource, for replaying an update in the engine's order (lab.cloud.apply) -----
+
+
+@dataclass(frozen=True)
+class PlannedResource:
+    """One custom resource as registered: what the engine diffs and how it orders steps."""
+
+    name: str
+    type: str
+    inputs: Mapping[str, Any] = field(repr=False)
+    """Inputs with secrets revealed (the engine diffs these)."""
+    after: tuple[str, ...]
+    """Names of the resources it depends on (explicitly or through its inputs)."""
+    sources: Mapping[str, tuple[str, ...]] = field(repr=False)
+    """Input name -> names of the resources its value came from."""
+    delete_before_replace: bool = False
+    ignore_changes: tuple[str, ...] = ()
+    hooks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    outputs: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """What the (mocked) provider returned: the state a hook sees as old outputs."""
+
+
+def planned_resources(monitor: RecordingMonitor) -> dict[str, PlannedResource]:
+    """Every recorded custom resource by name, in registration order."""
+    custom = [r for r in monitor.registrations if r.custom]
+    names = {r.urn: r.name for r in custom}
+    out: dict[str, PlannedResource] = {}
+    for r in custom:
+        out[r.name] = PlannedResource(
+            name=r.name,
+            type=r.type,
+            inputs=reveal(r.inputs),
+            after=tuple(names[d] for d in r.dependencies if d in names),
+            sources={
+                k: tuple(names[u] for u in urns if u in names)
+                for k, urns in r.property_dependencies.items()
+            },
+            delete_before_replace=r.delete_before_replace,
+            ignore_changes=tuple(r.ignore_changes),
+            hooks={k: tuple(v) for k, v in r.hooks.items()},
+            outputs=reveal(r.state),
+        )
+    return out
+
+
+def program_plan(
+    config: Mapping[str, str],
+    secret_keys: list[str],
+    facts: ProviderFacts,
+    stack: str = "lab",
+    *,
+    lab: bool = False,
+    command_stdout: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+) -> tuple[dict[str, RemoteStep], dict[str, PlannedResource]]:
+    """As `program_steps`; also every resource the program registers."""
+    monitor = _recorded(config, secret_keys, facts, stack, lab, command_stdout)
+    return remote_steps(monitor), planned_resources(monitor)

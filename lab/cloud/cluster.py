@@ -18,24 +18,26 @@ namespaces and over SSH: systemd states, the journal, HAProxy's runtime socket.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
 from typing import Any
 
+from components import day2
 from components.config import PROJECT, Settings, settings_to_config
 from components.render import ACME_RENEW_DAYS, CERT_SCRIPT, TLS_CERT
 from components.site_steps import CHECK_STEP_SUFFIX
 from lab import topology as topo
 from lab.acme import PebbleCA, launch_acme
-from lab.cloud.apply import ApplyResult, apply
+from lab.cloud.apply import STEP_TIMEOUT, ApplyResult, Event, apply, replay_copy, rollout, run_step
 from lab.cloud.common import CloudError, Log
 from lab.cloud.host import BootTiming, CloudHost
 from lab.cloud.lab import CloudLab, parallel
 from lab.cluster import ClusterView, lab_settings, wait_for
 from lab.fake_hcloud import FakeApi, launch
-from lab.program import ProviderFacts, RemoteStep, program_steps, reveal
+from lab.program import PlannedResource, ProviderFacts, RemoteStep, program_plan, reveal
 from lab.topology import LabNetwork
 
 STATS_PASSWORD = "cloud-lab-stats-password"
@@ -66,13 +68,16 @@ class CloudCluster(ClusterView):
         web_count: int = 2,
         *,
         log: Log | None = None,
+        spare_webs: int = 0,
         **settings_overrides: Any,
     ) -> None:
         self.image = image
         self.web_count = web_count
         self.settings_overrides = settings_overrides
         self._log = log
-        self.lab = LabNetwork(web_count, floating_ip_on_lbs=False)
+        # spare_webs: namespaces (addresses, server ids) for web servers a later webCount
+        # adds; no host boots there until an update creates the server.
+        self.lab = LabNetwork(web_count + spare_webs, floating_ip_on_lbs=False)
         self.api: FakeApi | None = None
         self.acme: PebbleCA | None = None
         self.settings: Settings | None = None
@@ -82,9 +87,13 @@ class CloudCluster(ClusterView):
         self.boot_timings: dict[str, BootTiming] = {}
         #: the steps as last applied (what the engine's state would hold)
         self.applied: dict[str, RemoteStep] = {}
+        #: every resource as last deployed (the engine's state), for `update`
+        self.state: dict[str, PlannedResource] = {}
         #: stdout of the commands whose output the program reads, with the inputs it
         #: came from (the engine's state of those commands)
         self.outputs: dict[str, tuple[tuple[str, ...], str]] = {}
+        #: the remote steps of the program `update` is rolling out (its copies replay them)
+        self._steps: dict[str, RemoteStep] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> CloudCluster:
@@ -97,10 +106,13 @@ class CloudCluster(ClusterView):
                 self.acme = launch_acme(self.lab, validity_seconds=ACME_VALIDITY_SECONDS)
                 self.settings_overrides.setdefault("acme_directory", self.acme.directory_url)
                 self.settings_overrides.setdefault("acme_email", "lab@hcloud-ha-web.example")
-            self.settings = lab_settings(
-                self.web_count, self.api.url, image=self.image, **self.settings_overrides
-            )
             self.cloud = CloudLab(log=self._log)
+            # root's authorized_keys is managed by the program (its keys step): the key
+            # the lab logs in with is the stack's sshPublicKey.
+            overrides = {"ssh_public_key": self.cloud.public_key, **self.settings_overrides}
+            self.settings = lab_settings(
+                self.web_count, self.api.url, image=self.image, **overrides
+            )
             for name in self.names:
                 self.hosts[name] = self.cloud.host(name, self.lab[name].ns, self.image)
             self.boot_timings = self.cloud.boot()
@@ -149,6 +161,7 @@ class CloudCluster(ClusterView):
                 f"{self.settings.cluster_name}-{n}": (ids[n], self.address(n)) for n in self.names
             },
             floating_ip=(topo.FLOATING_IP_ID, topo.FLOATING_IP),
+            deployed=bool(self.state),
         )
 
     def stack_config(self) -> tuple[dict[str, str], list[str]]:
@@ -166,8 +179,12 @@ class CloudCluster(ClusterView):
 
     def plan(self) -> dict[str, RemoteStep]:
         """The remote steps the program registers for this cluster (under mocks)."""
+        return self.plan_all()[0]
+
+    def plan_all(self) -> tuple[dict[str, RemoteStep], dict[str, PlannedResource]]:
+        """The remote steps and every resource the program registers (under mocks)."""
         config, secret_keys = self.stack_config()
-        return program_steps(
+        return program_plan(
             config, secret_keys, self.facts(), lab=True, command_stdout=self.command_stdout
         )
 
@@ -192,13 +209,105 @@ class CloudCluster(ClusterView):
     ) -> ApplyResult:
         """Run what changed since the last apply (everything the first time or with
         ``force``); successful steps become the new applied state, as in the engine."""
-        steps = dict(steps if steps is not None else self.plan())
+        resources: dict[str, PlannedResource] = {}
+        if steps is None:
+            steps, resources = self.plan_all()
+        steps = dict(steps)
         by_address = {self.address(n): h for n, h in self.hosts.items()}
         result = apply(steps, by_address, self.applied or None, force=force)
         for name, run in result.runs.items():
             if run.status == "ran":
                 self.applied[name] = steps[name]
+        if result.ok and resources and not self.state:
+            self.state = resources  # the first deployment: every resource exists now
         return result
+
+    def update(self, **settings: Any) -> tuple[ApplyResult, list[Event]]:
+        """`pulumi up` with changed settings on the deployed cluster: the program's
+        resources diffed against the last deployment and replayed in the engine's order
+        (`lab.cloud.apply.rollout`); servers are created, deleted and power-cycled here,
+        commands and hooks run on the hosts. The new state keeps what succeeded."""
+        assert self.settings is not None and self.state, "deploy first (apply)"
+        previous = self.settings
+        if "web_count" in settings and "web_private_ips" not in settings:
+            count = int(settings["web_count"])
+            settings["web_private_ips"] = tuple(topo.web_private_ip(k) for k in range(1, count + 1))
+        self.settings = dataclasses.replace(self.settings, **settings)
+        self.web_count = self.settings.web_count
+        try:
+            steps, new = self.plan_all()
+        except BaseException:
+            self.settings, self.web_count = previous, previous.web_count
+            raise
+        day2.REMOTE_RUNNER = self._run_hook_script
+        self._steps = steps
+        try:
+            result, events = rollout(self.state, new, self, hooks=day2.HOOKS)
+        finally:
+            day2.REMOTE_RUNNER = None
+        state = dict(self.state)
+        for name, run in result.runs.items():
+            if run.status in ("ran", "unchanged") and name in new:
+                state[name] = new[name]
+            elif run.status == "ran" and name not in new:
+                state.pop(name, None)  # deleted
+        self.state = state
+        self.applied = {n: steps[n] for n in steps if n in state and state[n] is new.get(n)}
+        return result, events
+
+    # -- the provider's part of the replay (lab.cloud.apply.Cloud) ---------------------
+    def _host_of(self, resource_name: str) -> str:
+        assert self.settings is not None
+        return resource_name.removeprefix(f"{self.settings.cluster_name}-")
+
+    def run(self, address: str, script: str, stdin: str) -> tuple[int, str, str]:
+        hosts = {self.address(n): h for n, h in self.hosts.items()}
+        host = hosts.get(address)
+        if host is None or not host.running:
+            return 255, "", f"no running server at {address}"
+        try:
+            r = run_step(host, script, stdin, STEP_TIMEOUT)
+        except CloudError as exc:
+            return 255, "", str(exc)
+        return r.returncode, r.stdout, r.stderr
+
+    def copy(self, name: str) -> tuple[int, str, str]:
+        step = self._steps[name]
+        hosts = {self.address(n): h for n, h in self.hosts.items()}
+        host = hosts.get(step.host)
+        if host is None or not host.running:
+            return 255, "", f"no running server at {step.host}"
+        r = replay_copy(step, host, STEP_TIMEOUT)
+        return r.returncode, r.stdout, r.stderr
+
+    def _run_hook_script(self, address: str, script: str) -> None:
+        rc, _out, err = self.run(address, script, "")
+        if rc != 0:
+            raise CloudError(f"hook script on {address} failed (exit {rc}): {err[-2000:]}")
+
+    def server_create(self, name: str, inputs: Mapping[str, Any]) -> None:
+        """A fresh host from the server's image in the server's namespace (same address)."""
+        assert self.cloud is not None and self.settings is not None
+        host = self._host_of(name)
+        # Hetzner puts the project's SSH key (sshPublicKey) on a new server; the keys step
+        # manages authorized_keys from then on.
+        self.cloud.public_key = self.settings.ssh_public_key
+        self.cloud.hosts.pop(host, None)
+        h = self.cloud.host(host, self.lab[host].ns, str(inputs["image"]))
+        self.boot_timings.update(self.cloud.boot(h))
+        self.hosts[host] = h
+        if self.acme is not None and host in topo.LB_NAMES:
+            self._trust_lab_acme_ca((host,))  # a fresh image, before any step runs
+
+    def server_delete(self, name: str) -> None:
+        host = self._host_of(name)
+        if host in self.hosts:
+            self.power_off(host)
+            self.hosts.pop(host).destroy()
+
+    def server_update(self, name: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        """An in-place update (a resize): the server is powered off and on again."""
+        self.reboot(self._host_of(name))
 
     # -- hosts -----------------------------------------------------------------------
     def ssh(self, name: str, command: str, **kw: Any) -> str:
@@ -248,12 +357,13 @@ class CloudCluster(ClusterView):
         )
 
     # -- HTTPS -------------------------------------------------------------------------
-    def _trust_lab_acme_ca(self) -> None:
+    def _trust_lab_acme_ca(self, names: tuple[str, ...] = topo.LB_NAMES) -> None:
         """The LBs' ACME client (curl) trusts Pebble's API through the system store of
-        these lab hosts only; the program itself ships no trust for it."""
+        these lab hosts only (as a Hetzner image trusts Let's Encrypt's); the program
+        itself ships no trust for it."""
         assert self.acme is not None
         pem = self.acme.api_ca.read_text()
-        for name in topo.LB_NAMES:
+        for name in names:
             self.ssh(
                 name,
                 "cat > /usr/local/share/ca-certificates/hcloud-ha-web-lab-acme.crt"

@@ -328,8 +328,9 @@ def test_rerun_changes_nothing(cluster: CloudCluster) -> None:
     result = cluster.apply(again, force=True)  # every step once more, as on a replace
     assert result.ok, result.failure()
     assert result.named("ran") == list(result.runs)
+    daemon_steps = tuple(f"-{d.name}" for d in render.DAEMONS)
     for name, run in result.runs.items():
-        if not name.endswith("-base"):
+        if name.endswith(daemon_steps):
             assert "unchanged" in run.stdout, (name, run.stdout)
     for name in cluster.names:
         assert cluster.main_pids(name) == pids[name], f"{name}: a daemon was restarted"
@@ -344,7 +345,12 @@ def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, benc
     with edited_templates(add_to_backend(f"http-response set-header {header} template-change")):
         plan = cluster.plan()
     touched = changed(plan, before)
-    assert touched == {f"{cluster.settings.cluster_name}-{lb}-haproxy" for lb in LB_NAMES}
+    # the two HAProxy steps, and the LBs' readiness checks after them
+    assert touched == {
+        f"{cluster.settings.cluster_name}-{lb}-{step}"
+        for lb in LB_NAMES
+        for step in ("haproxy", "ready")
+    }
     stream = TrafficStream(cluster.lab.client, cluster.url, duration=60, timeout=5.0)
     try:
         stream.wait_started()

@@ -181,3 +181,36 @@ def test_triggers_change_when_and_only_when_content_changes(tmp_path: Path) -> N
     assert changed == {"lb1-haproxy", "lb2-haproxy", "web1-apache"}
     changed = {k for k, v in triggers(vrrp_advert_interval=0.5).items() if base[k] != v}
     assert changed == {"lb1-keepalived", "lb2-keepalived"}
+
+
+def test_failed_activation_runs_again_until_it_succeeds(tmp_path: Path, fake_bin: Path) -> None:
+    """Files installed by a run whose reload failed are activated again by the next run,
+    though they are unchanged by then; once it worked, nothing reloads any more."""
+    broken = tmp_path / "reload-fails"
+    stub = fake_bin / "systemctl"
+    stub.write_text(
+        f'#!/bin/sh\nif [ -e {broken} ] && [ "$1" = reload-or-restart ]; then\n'
+        '  echo "reload refused" >&2; exit 1\nfi\n'
+        f'echo "$*" >> {tmp_path}/systemctl.log\n'
+    )
+    root = tmp_path / "root"
+    plan = haproxy_plan(root)
+    broken.touch()
+    first = run_step(plan, fake_bin)
+    assert first.returncode != 0
+    assert "activation failed" in first.stderr
+    assert (root / "etc/haproxy/haproxy.cfg").read_text() == plan.files[0].content
+    assert reloads(tmp_path) == ["enable -q haproxy"]
+
+    second = run_step(plan, fake_bin)  # still failing: still pending
+    assert second.returncode != 0 and reloads(tmp_path) == ["enable -q haproxy"] * 2
+
+    broken.unlink()
+    third = run_step(plan, fake_bin)
+    assert third.returncode == 0, third.stderr
+    assert "haproxy updated and reloaded" in third.stdout
+    assert reloads(tmp_path)[-2:] == ["enable -q haproxy", "reload-or-restart haproxy"]
+
+    fourth = run_step(plan, fake_bin)
+    assert fourth.returncode == 0 and "haproxy unchanged" in fourth.stdout
+    assert len(reloads(tmp_path)) == 4

@@ -65,7 +65,9 @@ def test_the_url_reaches_each_lb_as_a_root_only_file_and_nowhere_else() -> None:
     for name, step in plan.items():
         assert URL not in step.create, f"{name}: URL in command text"
         assert all(URL not in t for t in step.triggers), f"{name}: URL in a trigger"
-        if not name.endswith("-ops"):
+        if name.endswith("-keys"):  # authorized_keys as plain text, not a tarball
+            assert URL not in step.stdin
+        elif not name.endswith("-ops"):
             assert all(URL not in c for _, c in files_of(step).values()) if step.stdin else True
 
 
@@ -77,4 +79,10 @@ def test_without_a_url_the_hook_file_is_empty_and_changing_it_touches_only_the_o
     )
     with_url = steps(alertWebhookUrl=URL)
     changed = {n for n in without if without[n].inputs != with_url[n].inputs}
-    assert changed == {"hcloud-ha-web-lb1-ops", "hcloud-ha-web-lb2-ops"}
+    # ...and each LB's readiness check, which re-runs after any change on its host.
+    assert changed == {
+        "hcloud-ha-web-lb1-ops",
+        "hcloud-ha-web-lb2-ops",
+        "hcloud-ha-web-lb1-ready",
+        "hcloud-ha-web-lb2-ready",
+    }

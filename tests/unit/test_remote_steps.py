@@ -35,7 +35,9 @@ def test_steps_connect_to_the_servers_the_provider_reported() -> None:
     plan = steps()
     assert {s.host for s in plan.values()} == {a for _, a in FACTS.servers.values()}
     for name, step in plan.items():
-        host = name.removeprefix("hcloud-ha-web-").rsplit("-", 1)[0]
+        host, _, kind = name.removeprefix("hcloud-ha-web-").partition("-")
+        if kind.startswith("ready-"):  # a web server's readiness is checked on an LB
+            host = kind.removeprefix("ready-")
         assert step.host == FACTS.servers[f"hcloud-ha-web-{host}"][1]
         assert step.user == "root"
 
@@ -44,7 +46,8 @@ def test_steps_carry_the_provider_facts_and_their_dependencies() -> None:
     plan = steps()
     keepalived = plan["hcloud-ha-web-lb2-keepalived"]
     assert keepalived.after == ("hcloud-ha-web-lb1-keepalived", "hcloud-ha-web-lb2-watcher")
-    assert plan["hcloud-ha-web-web1-base"].after == ()
+    assert plan["hcloud-ha-web-web1-base"].after == ("hcloud-ha-web-web1-keys",)
+    assert plan["hcloud-ha-web-web1-keys"].after == ()
     # the failover script is rendered with the ids the provider gave
     failover = plan["hcloud-ha-web-lb2-failover"]
     files = gzip.decompress(base64.b64decode(failover.stdin)).decode("latin-1")
@@ -57,6 +60,9 @@ def test_same_config_same_inputs_and_a_change_touches_only_its_steps() -> None:
     assert changed(steps(vrrpRouterId="77"), before) == {
         "hcloud-ha-web-lb1-keepalived",
         "hcloud-ha-web-lb2-keepalived",
+        # each changed host's readiness is checked again
+        "hcloud-ha-web-lb1-ready",
+        "hcloud-ha-web-lb2-ready",
     }
 
 

@@ -42,6 +42,7 @@ ALL_KEYS = (
     | set(cfgmod._FLOAT_FIELDS)
     | set(cfgmod._BOOL_FIELDS)
     | set(cfgmod._LIST_FIELDS)
+    | set(cfgmod._BOOL_FIELDS)
     | set(cfgmod.REQUIRED_KEYS)
     | {"sshPublicKey"}
     | SECRET_CONFIG_KEYS
@@ -451,6 +452,7 @@ def test_project_defaults_match_the_settings_dataclass() -> None:
         **cfgmod._FLOAT_FIELDS,
         **cfgmod._BOOL_FIELDS,
         **cfgmod._LIST_FIELDS,
+        **cfgmod._BOOL_FIELDS,
     }
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for key, attr in attr_of.items():
