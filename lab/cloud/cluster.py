@@ -222,11 +222,18 @@ class CloudCluster(ClusterView):
             self.state = resources  # the first deployment: every resource exists now
         return result
 
-    def update(self, **settings: Any) -> tuple[ApplyResult, list[Event]]:
+    def update(
+        self,
+        planned: tuple[dict[str, RemoteStep], dict[str, PlannedResource]] | None = None,
+        **settings: Any,
+    ) -> tuple[ApplyResult, list[Event]]:
         """`pulumi up` with changed settings on the deployed cluster: the program's
         resources diffed against the last deployment and replayed in the engine's order
         (`lab.cloud.apply.rollout`); servers are created, deleted and power-cycled here,
-        commands and hooks run on the hosts. The new state keeps what succeeded."""
+        commands and hooks run on the hosts. The new state keeps what succeeded.
+
+        `planned`: the program as `plan_all()` gave it earlier (e.g. with an edited
+        template), instead of planning it now."""
         assert self.settings is not None and self.state, "deploy first (apply)"
         previous = self.settings
         if "web_count" in settings and "web_private_ips" not in settings:
@@ -235,7 +242,7 @@ class CloudCluster(ClusterView):
         self.settings = dataclasses.replace(self.settings, **settings)
         self.web_count = self.settings.web_count
         try:
-            steps, new = self.plan_all()
+            steps, new = planned if planned is not None else self.plan_all()
         except BaseException:
             self.settings, self.web_count = previous, previous.web_count
             raise
@@ -252,7 +259,11 @@ class CloudCluster(ClusterView):
             elif run.status == "ran" and name not in new:
                 state.pop(name, None)  # deleted
         self.state = state
-        self.applied = {n: steps[n] for n in steps if n in state and state[n] is new.get(n)}
+        # a step that failed or did not run stays as it was last applied
+        self.applied = {
+            **{n: s for n, s in self.applied.items() if n in state},
+            **{n: steps[n] for n in steps if n in state and state[n] is new.get(n)},
+        }
         return result, events
 
     # -- the provider's part of the replay (lab.cloud.apply.Cloud) ---------------------

@@ -158,21 +158,54 @@ def differences_from_fresh(cluster: CloudCluster) -> list[str]:
     return problems
 
 
+#: A request whose failure arrived this close to a move of the floating IP's route was in
+#: flight when the route moved: its remaining packets went to the other LB.
+AT_MOVE_SECONDS = 0.5
+
+
+def at_a_move(record: dict[str, Any], moves: list[float]) -> bool:
+    return any(abs(record["ts"] - t) <= AT_MOVE_SECONDS for t in moves)
+
+
 def summary(
-    out: OutOfService, records: list[dict[str, Any]], https: list[dict[str, Any]] | None = None
+    out: OutOfService,
+    records: list[dict[str, Any]],
+    https: list[dict[str, Any]] | None = None,
+    moves: list[float] | None = None,
 ) -> dict[str, Any]:
-    """What a change did to the traffic (HTTP and, with domains, HTTPS) and the hosts."""
-    tls = https or []
+    """What a change did to the traffic (HTTP and, with domains, HTTPS) and the hosts.
+
+    `moves`: when the floating IP's route moved between the LBs (the fake API's routing
+    log). A TCP connection open at that instant loses its path: the new LB knows nothing
+    of it. Failures are counted apart by whether they happened at a move."""
+    tls, moves = https or [], moves or []
+    failed = {"http": [r for r in records if not r["ok"]], "https": [r for r in tls if not r["ok"]]}
     return {
-        "failed_requests": sum(1 for r in [*records, *tls] if not r["ok"]),
+        "failed_requests": len(failed["http"]) + len(failed["https"]),
         "requests": len(records) + len(tls),
         "https_requests": len(tls),
-        "https_failed_requests": sum(1 for r in tls if not r["ok"]),
+        "https_failed_requests": len(failed["https"]),
+        "ip_moves": len(moves),
+        "http_failed_at_ip_move": sum(at_a_move(r, moves) for r in failed["http"]),
+        "https_failed_at_ip_move": sum(at_a_move(r, moves) for r in failed["https"]),
+        "failed_not_at_ip_move": sum(
+            not at_a_move(r, moves) for r in [*failed["http"], *failed["https"]]
+        ),
         "most_lbs_out": out.most_lbs_out(),
         "most_webs_out": out.most_webs_out(),
         "samples": len(out.samples),
         "unprobed_samples": out.unprobed,
     }
+
+
+def route_moves(c: CloudCluster, since: float) -> list[float]:
+    """When the fake API moved the floating IP's route since `since` (time.time())."""
+    assert c.api is not None
+    return [
+        float(e["ts"])
+        for e in c.api.client.calls()
+        if e.get("method") == "ROUTE" and e.get("status") == 0 and float(e["ts"]) >= since
+    ]
 
 
 @dataclass
@@ -205,6 +238,7 @@ def rolling_change(c: CloudCluster, duration: float = 280, **settings: Any) -> C
         if tls is not None:
             tls.wait_started()
         with OutOfService(c) as out:
+            since = time.time()
             t0 = time.monotonic()
             result, events = c.update(**settings)
             seconds = time.monotonic() - t0
@@ -214,4 +248,5 @@ def rolling_change(c: CloudCluster, duration: float = 280, **settings: Any) -> C
         records = stream.stop()
         if tls is not None:
             https = tls.stop()
-    return Change(result, events, seconds, summary(out, records, https))
+    moves = route_moves(c, since)
+    return Change(result, events, seconds, summary(out, records, https, moves))

@@ -64,7 +64,12 @@ def assert_rolled(c: CloudCluster, result: ApplyResult, figures: dict[str, Any])
     assert result.ok, result.failure()
     assert figures["requests"] > 50, figures
     assert figures["https_requests"] > 25, figures  # HTTPS ran through the change too
-    assert figures["failed_requests"] == 0, figures
+    # No request fails, except one in flight at the instant the floating IP's route moves
+    # (lb1 hands over, and takes it back): its next packets reach the other LB, which
+    # knows nothing of the connection. At most one per move and client stream.
+    assert figures["failed_not_at_ip_move"] == 0, figures
+    assert figures["http_failed_at_ip_move"] <= figures["ip_moves"], figures
+    assert figures["https_failed_at_ip_move"] <= figures["ip_moves"], figures
     assert figures["samples"] > 0, figures  # the out-of-service probes ran
     assert figures["most_lbs_out"] <= 1, figures
     assert figures["most_webs_out"] <= max(1, len(c.settings.web_names) // 2), figures  # type: ignore[union-attr]

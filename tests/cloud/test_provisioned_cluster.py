@@ -168,11 +168,17 @@ def test_program_steps_provision_every_host(
     assert c.settings is not None
     steps = c.applied
     hosts = {n: role(n) for n in c.names}
+    # keys and base first, a step per daemon, the site; `serve` takes the host into
+    # service; readiness: an LB checks itself, a web server is checked on each LB
+    ready = {"lb": ("ready",), "web": tuple(f"ready-{lb}" for lb in LB_NAMES)}
     expected = {
         f"{c.settings.cluster_name}-{h}-{d}"
         for h, r in hosts.items()
-        for d in ("base", *(x.name for x in render.daemons_for(r)), *SITE_STEPS[r])
-    }
+        for d in (
+            "keys", "base", *(x.name for x in render.daemons_for(r)), *SITE_STEPS[r],
+            "serve", *ready[r],
+        )
+    }  # fmt: skip
     assert set(result.runs) == expected
     assert result.named("ran") == list(result.runs), result.runs
     for name, run in result.runs.items():  # dependency order was kept
@@ -343,8 +349,8 @@ def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, benc
     pids = {n: cluster.main_pids(n) for n in cluster.names}
     before = dict(cluster.applied)
     with edited_templates(add_to_backend(f"http-response set-header {header} template-change")):
-        plan = cluster.plan()
-    touched = changed(plan, before)
+        planned = cluster.plan_all()
+    touched = changed(planned[0], before)
     # the two HAProxy steps, and the LBs' readiness checks after them
     assert touched == {
         f"{cluster.settings.cluster_name}-{lb}-{step}"
@@ -357,7 +363,8 @@ def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, benc
         time.sleep(0.5)
         since = time.time()
         t0 = time.monotonic()
-        result = cluster.apply(plan)
+        # a deployed cluster: the engine's order (lb2's turn, then lb1's)
+        result, _ = cluster.update(planned)
         took = time.monotonic() - t0
         time.sleep(1.0)
     finally:
@@ -378,7 +385,7 @@ def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, benc
         else:
             assert lines == [], f"{name}: {lines}"
     # and back: the original template is one more change of the same two steps
-    back = cluster.apply()
+    back, _ = cluster.update()
     assert back.ok and set(back.named("ran")) == touched, back.runs
     assert header.lower() not in response_headers(cluster).lower()
 
@@ -389,20 +396,21 @@ def test_invalid_config_fails_its_step_and_the_service_keeps_serving(
     pids = {lb: cluster.main_pids(lb) for lb in LB_NAMES}
     digests = {lb: file_digest(cluster, lb, HAPROXY_CFG) for lb in LB_NAMES}
     with edited_templates(add_to_backend("this-is-not-a-directive on")):
-        plan = cluster.plan()
+        planned = cluster.plan_all()
     stream = TrafficStream(cluster.lab.client, cluster.url, duration=60, timeout=5.0)
     try:
         stream.wait_started()
-        result = cluster.apply(plan)
+        # a deployed cluster changes lb2 (the backup) first, then lb1 (engine order)
+        result, _ = cluster.update(planned)
         time.sleep(1.0)
     finally:
         records = stream.stop()
     name = f"{cluster.settings.cluster_name}-%s-haproxy"
-    first, second = result.runs[name % "lb1"], result.runs[name % "lb2"]
+    first, second = result.runs[name % "lb2"], result.runs[name % "lb1"]
     assert first.status == "failed" and first.returncode == 1, first
     assert "this-is-not-a-directive" in first.stderr, first.stderr
-    assert "config rejected on lb1; running config untouched" in first.stderr
-    assert second.status == "not run", "lb2 must not get a config lb1 rejected"
+    assert "config rejected on lb2; running config untouched" in first.stderr
+    assert second.status == "not run", "lb1 must not get a config lb2 rejected"
     assert not [r for r in records if not r["ok"]], "requests failed during the broken apply"
     for lb in LB_NAMES:
         assert file_digest(cluster, lb, HAPROXY_CFG) == digests[lb]
