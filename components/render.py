@@ -30,6 +30,10 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 HEALTH_PORT = 8405  # HAProxy's local health endpoint, checked by keepalived
 PRIMARY_PRIORITY = 150
 BACKUP_PRIORITY = 100
+#: More than the gap between the two, less than the backup's priority: an LB without a
+#: certificate yields the floating IP to a peer that has one, and still takes it when the
+#: peer is gone (or has none either).
+CERT_MISSING_PENALTY = 60
 # Seconds between the master's API ownership checks: 720 GETs/hour at most, within the
 # project's 3600 requests/hour.
 OWNERSHIP_CHECK_INTERVAL = 5
@@ -83,6 +87,10 @@ TLS_CERT = "/etc/haproxy/certs/site.pem"
 ACME_CONF_DIR = "/etc/hcloud-ha-web/acme"
 ACME_STATE_DIR = "/var/lib/hcloud-ha-web/acme"
 CERT_STATE_FILE = "/var/lib/hcloud-ha-web/cert-state.json"
+#: "1" while this LB has no usable CA-issued certificate (a fresh host before its first
+#: issuance, an expired one), else "0"; written by the certificate script, tracked by
+#: keepalived, which lowers the LB's priority by CERT_MISSING_PENALTY while it is 1.
+CERT_MISSING_FLAG = "/var/lib/hcloud-ha-web/cert-missing"
 CERT_SCRIPT = "/usr/local/sbin/hcloud-ha-web-cert"
 ACME_RENEW_DAYS = 30
 STATS_LOCAL_PORT = 8404
@@ -657,6 +665,8 @@ def _https_variables(
         "acme_curl_opts": f"--cacert {layout.acme_ca_bundle}" if layout.acme_ca_bundle else "",
         "cert_script": root + CERT_SCRIPT,
         "cert_state_file": root + CERT_STATE_FILE,
+        "cert_missing_flag": root + CERT_MISSING_FLAG,
+        "cert_missing_penalty": CERT_MISSING_PENALTY,
         "event_hook": root + EVENT_HOOK,
         "haproxy_socket": root + "/run/haproxy/admin.sock",
         "haproxy_reload_command": layout.haproxy_reload_command,

@@ -14,13 +14,15 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from components.render import EVENT_HOOK
+from components.render import CERT_MISSING_FLAG, EVENT_HOOK, PLACEHOLDER_SUBJECT
 from lab.cluster import LabCluster, wait_for
 from lab.netns import requirements_missing
 from lab.scenarios import (
@@ -208,6 +210,58 @@ def test_a_refusing_ca_leaves_the_old_certificate_and_the_failure_visible(
     assert cluster.cert_command("lb1", "status").returncode == 0
     assert cluster.served_cert("lb1")["Serial"] != before
     assert os.path.exists(cluster.tls_cert_path("lb1"))
+
+
+def _self_signed_placeholder() -> str:
+    """A certificate + key like the one HAProxy starts with before the first issuance."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key, crt = Path(tmp, "key.pem"), Path(tmp, "crt.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "1", "-subj", PLACEHOLDER_SUBJECT, "-keyout", str(key),
+             "-out", str(crt)],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        return crt.read_text() + key.read_text()
+
+
+def test_an_lb_without_a_usable_certificate_yields_the_floating_ip_to_its_peer(
+    cluster: LabCluster,
+) -> None:
+    """A replaced LB before its first issuance (here lb1: its certificate file is a
+    self-signed placeholder and the CA refuses) must not hold the floating IP while its
+    peer has a certificate: keepalived lowers its priority and lb2 takes over. Its first
+    certificate brings it back. HTTPS through the floating IP fails no request."""
+    assert cluster.acme is not None
+    flag = Path(str(cluster.hosts["lb1"].root) + CERT_MISSING_FLAG)
+    assert flag.read_text().strip() == "0"  # certified (written by the provisioning step)
+    cluster.wait_owner("lb1", 5)
+    https = TrafficStream(cluster.lab.client, cluster.https_url, duration=60,
+                          **cluster.tls_stream_args())  # fmt: skip
+    try:
+        https.wait_started()
+        for d in DOMAINS:
+            cluster.acme.refuse(d)
+        try:
+            # The file only: HAProxy keeps serving the certificate it loaded.
+            Path(cluster.tls_cert_path("lb1")).write_text(_self_signed_placeholder())
+            failed = cluster.cert_command("lb1", "renew", check=False)
+            assert failed.returncode == 1, failed.stdout
+            assert "peer LB takes precedence" in failed.stdout, failed.stdout
+            assert flag.read_text().strip() == "1"
+            cluster.wait_owner("lb2", 10)
+        finally:
+            for d in DOMAINS:
+                cluster.acme.accept(d)
+        issued = cluster.cert_command("lb1", "renew", "--force")
+        assert "CA-issued certificate in place" in issued.stdout, issued.stdout
+        assert flag.read_text().strip() == "0"
+        cluster.wait_owner("lb1", 10)
+        time.sleep(0.5)
+    finally:
+        records = https.stop()
+    assert len(records) > 50, len(records)
+    assert outage(records).failed == 0, outage(records)
 
 
 def test_http_site_still_answers_on_the_floating_ip_address(cluster: LabCluster) -> None:
