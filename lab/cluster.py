@@ -323,6 +323,14 @@ class ClusterView:
         assert self.api is not None
         return [x for x in self.api.client.calls() if x["ts"] >= since]
 
+    def route_moves(self, since: float) -> list[float]:
+        """When the fake API moved the floating IP's route since ``since`` (epoch s)."""
+        return [
+            float(x["ts"])
+            for x in self.api_calls(since)
+            if x.get("method") == "ROUTE" and x.get("status") == 0
+        ]
+
     def wait_owner(self, lb: str, timeout: float = 10.0) -> None:
         """The API shows the IP assigned to ``lb`` and the client's route points there."""
         wait_for(

@@ -166,6 +166,17 @@ class Outage:
     recovered: bool
 
 
+#: A request whose failure arrived this close to a move of the floating IP's route was in
+#: flight when the route moved: its next packets went to the other LB, which knows
+#: nothing of the connection. No LB can save such a request on a routed address.
+AT_MOVE_SECONDS = 0.5
+
+
+def at_a_move(record: dict[str, Any], moves: Sequence[float]) -> bool:
+    """Did this request end within AT_MOVE_SECONDS of a route move?"""
+    return any(abs(float(record["ts"]) - t) <= AT_MOVE_SECONDS for t in moves)
+
+
 def outage(records: list[dict[str, Any]], since: float = 0.0) -> Outage:
     """Failed requests and the service gap in ``records`` (only those ending after ``since``)."""
     recs = [r for r in records if "ok" in r]

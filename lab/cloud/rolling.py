@@ -25,7 +25,7 @@ from lab import topology as topo
 from lab.cloud.apply import ApplyResult, Event
 from lab.cloud.cluster import CloudCluster
 from lab.cloud.common import CloudError
-from lab.traffic import TrafficStream
+from lab.traffic import TrafficStream, at_a_move
 
 #: Steps that ship files (a tar.gz on stdin): one per daemon.
 DAEMON_STEPS = tuple(f"-{d.name}" for d in DAEMONS)
@@ -158,15 +158,6 @@ def differences_from_fresh(cluster: CloudCluster) -> list[str]:
     return problems
 
 
-#: A request whose failure arrived this close to a move of the floating IP's route was in
-#: flight when the route moved: its remaining packets went to the other LB.
-AT_MOVE_SECONDS = 0.5
-
-
-def at_a_move(record: dict[str, Any], moves: list[float]) -> bool:
-    return any(abs(record["ts"] - t) <= AT_MOVE_SECONDS for t in moves)
-
-
 def summary(
     out: OutOfService,
     records: list[dict[str, Any]],
@@ -196,16 +187,6 @@ def summary(
         "samples": len(out.samples),
         "unprobed_samples": out.unprobed,
     }
-
-
-def route_moves(c: CloudCluster, since: float) -> list[float]:
-    """When the fake API moved the floating IP's route since `since` (time.time())."""
-    assert c.api is not None
-    return [
-        float(e["ts"])
-        for e in c.api.client.calls()
-        if e.get("method") == "ROUTE" and e.get("status") == 0 and float(e["ts"]) >= since
-    ]
 
 
 @dataclass
@@ -248,5 +229,5 @@ def rolling_change(c: CloudCluster, duration: float = 280, **settings: Any) -> C
         records = stream.stop()
         if tls is not None:
             https = tls.stop()
-    moves = route_moves(c, since)
+    moves = c.route_moves(since)
     return Change(result, events, seconds, summary(out, records, https, moves))

@@ -35,7 +35,7 @@ from lab.scenarios import (
     curl,
 )
 from lab.topology import CLIENT_IP, FLOATING_IP, LB_NAMES, LabNetwork
-from lab.traffic import TrafficStream, fetch, outage
+from lab.traffic import TrafficStream, at_a_move, fetch, outage
 from tests.lab.test_scenarios import restore
 
 pytestmark = pytest.mark.lab
@@ -231,11 +231,13 @@ def test_an_lb_without_a_usable_certificate_yields_the_floating_ip_to_its_peer(
     """A replaced LB before its first issuance (here lb1: its certificate file is a
     self-signed placeholder and the CA refuses) must not hold the floating IP while its
     peer has a certificate: keepalived lowers its priority and lb2 takes over. Its first
-    certificate brings it back. HTTPS through the floating IP fails no request."""
+    certificate brings it back. HTTPS through the floating IP fails no request but one
+    in flight at a move of the address (see lab.traffic.at_a_move)."""
     assert cluster.acme is not None
     flag = Path(str(cluster.hosts["lb1"].root) + CERT_MISSING_FLAG)
     assert flag.read_text().strip() == "0"  # certified (written by the provisioning step)
     cluster.wait_owner("lb1", 5)
+    since = time.time()
     https = TrafficStream(cluster.lab.client, cluster.https_url, duration=60,
                           **cluster.tls_stream_args())  # fmt: skip
     try:
@@ -261,7 +263,12 @@ def test_an_lb_without_a_usable_certificate_yields_the_floating_ip_to_its_peer(
     finally:
         records = https.stop()
     assert len(records) > 50, len(records)
-    assert outage(records).failed == 0, outage(records)
+    # the address moved twice; only a request in flight at a move may fail (one per move)
+    moves = cluster.route_moves(since)
+    assert len(moves) == 2, moves
+    failed = [r for r in records if not r["ok"]]
+    assert not [r for r in failed if not at_a_move(r, moves)], failed
+    assert len(failed) <= len(moves), failed
 
 
 def test_http_site_still_answers_on_the_floating_ip_address(cluster: LabCluster) -> None:
