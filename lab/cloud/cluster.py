@@ -404,13 +404,14 @@ class CloudCluster(ClusterView):
         r = self.hosts[name].ssh(f"systemctl is-active --quiet {UNITS[daemon]}", check=False)
         return r.returncode == 0
 
+    @staticmethod
+    def haproxy_client(timeout: float = 2.0) -> str:
+        """Shell that sends its stdin to HAProxy's runtime API on the host, prints the answer."""
+        return f"python3 -c {shlex.quote(_SOCKET_CLIENT)} {HAPROXY_SOCKET} {timeout}"
+
     def haproxy_command(self, name: str, command: str, timeout: float = 2.0) -> str:
-        script = shlex.quote(_SOCKET_CLIENT)
         return self.ssh(
-            name,
-            f"python3 -c {script} {HAPROXY_SOCKET} {timeout}",
-            stdin=command + "\n",
-            timeout=timeout + 10,
+            name, self.haproxy_client(timeout), stdin=command + "\n", timeout=timeout + 10
         )
 
     def daemon_log(self, name: str, daemon: str) -> str:

@@ -25,6 +25,7 @@ import jinja2
 import pytest
 
 from components import render
+from components.provision import PENDING_DIR
 from lab.cloud.apply import ApplyResult, changed
 from lab.cloud.cluster import CloudCluster
 from lab.cluster import assign_calls, wait_for
@@ -388,6 +389,48 @@ def test_one_template_change_reloads_only_its_daemon(cluster: CloudCluster, benc
     back, _ = cluster.update()
     assert back.ok and set(back.named("ran")) == touched, back.runs
     assert header.lower() not in response_headers(cluster).lower()
+
+
+def _worker_pid(c: CloudCluster, lb: str) -> str:
+    """PID of the HAProxy worker answering the runtime API (`show info`)."""
+    info = c.haproxy_command(lb, "show info")
+    return next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("Pid:"))
+
+
+def test_a_server_taken_out_stays_out_through_a_reload(cluster: CloudCluster) -> None:
+    """The HAProxy step saves the servers' states before its reload and the new process
+    loads them: a web server an operator put in maintenance stays out of rotation in the
+    new worker, instead of coming back READY and taking requests. (A server DOWN by its
+    checks is DOWN again within a check here, so the admin state is what tells.)"""
+    assert cluster.settings is not None
+    lb, step = "lb1", cluster.plan()[f"{cluster.settings.cluster_name}-lb1-haproxy"]
+    cluster.haproxy_command(lb, "disable server web/web1")
+    try:
+        assert cluster.server_status(lb)["web1"].startswith("MAINT")
+        # The step exactly as provisioning runs it, made to activate (reload) although its
+        # files are unchanged, as after a failed activation.
+        cluster.ssh(lb, "mkdir -p -m 700 /root/reload-test && cat > /root/reload-test/stdin",
+                    stdin=step.stdin)  # fmt: skip
+        cluster.ssh(lb, "cat > /root/reload-test/step", stdin=step.create)
+        cluster.ssh(lb, f"printf '%s\\n' /etc/haproxy/haproxy.cfg > {PENDING_DIR}/pending-haproxy")
+        pids, worker = cluster.main_pids(lb), _worker_pid(cluster, lb)
+        out = cluster.ssh(lb, "sh /root/reload-test/step < /root/reload-test/stdin")
+        assert "haproxy updated and reloaded" in out, out
+        assert cluster.main_pids(lb) == pids, "reloaded, not restarted"
+        # the reload signal returns at once: ask only the new worker
+        wait_for(lambda: _worker_pid(cluster, lb) != worker, 10, "the new HAProxy worker")
+        states = cluster.haproxy_command(lb, "show servers state web")
+        admin = {f[3]: f[6] for f in (ln.split() for ln in states.splitlines())
+                 if len(f) > 6 and f[1] == "web"}  # fmt: skip
+        # srv_admin_state: 1 forced maintenance, 0 ready; web2 is listed, so the probe ran
+        assert admin.get("web2") == "0", states
+        assert admin.get("web1") == "1", states
+        assert cluster.server_status(lb)["web1"].startswith("MAINT")
+    finally:
+        cluster.ssh(lb, f"rm -rf /root/reload-test {PENDING_DIR}/pending-haproxy")
+        cluster.haproxy_command(lb, "enable server web/web1")
+        wait_for(lambda: all(cluster.server_status(x)["web1"].startswith("UP") for x in LB_NAMES),
+                 15, "web1 UP again")  # fmt: skip
 
 
 def test_invalid_config_fails_its_step_and_the_service_keeps_serving(
