@@ -427,7 +427,10 @@ def test_a_server_taken_out_stays_out_through_a_reload(cluster: CloudCluster) ->
         assert admin.get("web1") == "1", states
         assert cluster.server_status(lb)["web1"].startswith("MAINT")
     finally:
-        cluster.ssh(lb, f"rm -rf /root/reload-test {PENDING_DIR}/pending-haproxy")
+        # The saved file would bring web1's maintenance back at HAProxy's next start (a
+        # known gap: the file should only serve the reload it was saved for).
+        cluster.ssh(lb, f"rm -rf /root/reload-test {PENDING_DIR}/pending-haproxy "
+                        f"{render.HAPROXY_STATE_FILE}")  # fmt: skip
         cluster.haproxy_command(lb, "enable server web/web1")
         wait_for(lambda: all(cluster.server_status(x)["web1"].startswith("UP") for x in LB_NAMES),
                  15, "web1 UP again")  # fmt: skip
